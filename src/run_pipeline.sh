@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Runs every numbered stage in order and prints the wall time of each.
+#   src/run_pipeline.sh demo   # the synthetic phantom, reduced folds/epochs (make demo)
+# Environment: PY (python to use), PE_DATA_DIR / PE_WORK_DIR / PE_OOF_DIR (see src/pe/paths.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+MODE=${1:-demo}
+
+stage() {  # stage NAME CMD...: run a command and print its wall time
+  local name=$1; shift
+  local t0; t0=$(date +%s.%N)
+  echo "=== [$name] $*"
+  "$@"
+  printf '=== [%s] done in %.1f s\n' "$name" "$(echo "$(date +%s.%N) - $t0" | bc)"
+}
+
+if [[ $MODE != demo ]]; then echo "unknown mode $MODE" >&2; exit 2; fi
+
+DATA=${PE_DATA_DIR:-input/phantom}
+WORK=${PE_WORK_DIR:-work/demo}
+export PE_DATA_DIR=$DATA PE_WORK_DIR=$WORK
+CACHE=$WORK/cache/jpeg256
+FOLDS=(0 1 2 3 4)
+T0=$(date +%s)
+
+stage 00_make_phantom $PY src/00_make_phantom.py --out "$DATA" --train-studies 40 --test-studies 10 \
+  --seed 0 --size 512 --min-slices 40 --max-slices 100
+for s in train test; do
+  stage 01_parse_metadata:$s $PY src/01_parse_metadata.py --data-dir "$DATA" --split $s --out "$WORK/meta/$s.parquet"
+done
+for s in train test; do
+  stage 02_cache_images:$s $PY src/02_cache_images.py --meta "$WORK/meta/$s.parquet" --out "$CACHE" --size 256
+done
+stage 03_make_folds $PY src/03_make_folds.py --meta "$WORK/meta/train.parquet" --out "$WORK/folds.csv" --n-folds 5 --seed 42
+for k in "${FOLDS[@]}"; do
+  stage 04_train_cnn:fold$k $PY src/04_train_cnn.py --config src/configs/demo.yaml --fold "$k"
+done
+for s in train test; do
+  stage 05_export_embeddings:$s $PY src/05_export_embeddings.py --exp demo --split $s
+done
+for c in seq_demo_gru seq_demo_lstm; do
+  for k in "${FOLDS[@]}"; do
+    stage 06_train_sequence:$c:fold$k $PY src/06_train_sequence.py --config src/configs/$c.yaml --fold "$k"
+  done
+done
+stage 07_ensemble $PY src/07_ensemble.py --members seq_demo_gru seq_demo_lstm --out ens_demo
+stage 08_make_submission $PY src/08_make_submission.py --pred oof/ens_demo/test.csv --test "$DATA/test.csv" \
+  --out submissions/demo_submission.csv
+stage 09_score $PY src/09_score.py --submission oof/ens_demo/oof.csv --truth "$DATA/train.csv" --json oof/ens_demo/score.json
+stage 10_report $PY src/10_report.py --exp ens_demo
+echo "demo finished in $(( $(date +%s) - T0 )) s"
