@@ -119,7 +119,8 @@ def exam_row_id(study_uid: str, label: str) -> str:
 
 def split_exam_row_id(row_id: str) -> tuple[str, str] | None:
     """Inverse of :func:`exam_row_id`; None for an image row id (a bare SOPInstanceUID)."""
-    for label in EXAM_LABELS:
+    # Longest first: "acute_and_chronic_pe" also ends with "_chronic_pe".
+    for label in sorted(EXAM_LABELS, key=len, reverse=True):
         suffix = "_" + label
         if row_id.endswith(suffix):
             return row_id[: -len(suffix)], label
