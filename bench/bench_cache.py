@@ -1,0 +1,179 @@
+"""Speed of the 3-window JPEG cache (issue 4), all figures from one run on the same files.
+
+1. Writes N uncompressed 512² CT slices (real pydicom-data slice 693_UNCR.dcm, shifted, flipped and
+   given CT-like noise so every file differs) in studies of S slices, into a temporary folder.
+2. Times each stage of the cache worker on every file, in one process: read (dcmread + pixels),
+   window (numba table lookup, exact), encode (4:4:4 JPEG q95); and the extra work the worker does
+   (lung-box mask on its sampled slices, atomic file write). Bound = cores / (read + window + encode
+   seconds per image), as the issue defines it.
+3. Runs ``pe.cache.cache_images`` with workers = cores after a warm-up run (imports, numba JIT and
+   pool start-up excluded: the rate is slices / the pool's wall time over thousands of slices).
+4. Runs a naive single-process baseline on the same files: pydicom dcmread + pixel_array, float64
+   numpy windowing, cv2.imwrite with OpenCV's defaults.
+
+Prints images/s for all three, the ratios (targets: cache ≥ 80 % of the bound, ≥ 2× naive) and the
+load average, since a shared machine slows everything.
+
+    python bench/bench_cache.py [--n 3000] [--study-slices 50] [--workers CORES] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import cv2  # noqa: E402
+import data_store  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pydicom  # noqa: E402
+
+from pe import cache as pc  # noqa: E402
+from pe.dicom import read_dataset, read_pixels, rescale  # noqa: E402
+from pe.io import write_bytes_atomic  # noqa: E402
+from pe.lungbox import LungAccumulator  # noqa: E402
+from pe.windows import WINDOWS, window_pixels  # noqa: E402
+
+TEMPLATE = Path(data_store.__file__).parent / "data" / "693_UNCR.dcm"
+
+
+def make_files(root: Path, n: int, study_slices: int, seed: int = 0) -> pd.DataFrame:
+    """N distinct uncompressed 512² slices: the template's header bytes + new pixel bytes."""
+    raw = TEMPLATE.read_bytes()
+    ds = pydicom.dcmread(TEMPLATE)
+    nbytes = len(ds.PixelData)
+    assert list(ds.keys())[-1] == 0x7FE00010 and raw.endswith(ds.PixelData), "PixelData must be the last element"
+    prefix = raw[: len(raw) - nbytes]
+    base = ds.pixel_array.astype(np.int32)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        study, k = divmod(i, study_slices)
+        img = np.roll(base, (int(rng.integers(-40, 40)), int(rng.integers(-40, 40))), axis=(0, 1))
+        if rng.random() < 0.5:
+            img = img[:, ::-1]
+        img = img + rng.normal(0, 12, img.shape).astype(np.int32)  # CT quantum noise, ~12 HU
+        uid = f"1.2.826.0.1.3680043.8.498.77.{study + 1}"
+        path = root / uid / f"{k:04d}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(prefix + np.clip(img, -32768, 32767).astype("<i2").tobytes())
+        rows.append({"StudyInstanceUID": uid, "SOPInstanceUID": f"{uid}.{k + 1}", "path": str(path),
+                     "slice_index": k})
+    return pd.DataFrame(rows)
+
+
+def time_stages(paths: list[str], size: int, quality: int, scratch: Path) -> dict[str, float]:
+    """Seconds per image of each worker stage, measured on every file in one process."""
+    params = pc._jpeg_params(quality)
+    t = dict.fromkeys(("read", "window", "encode", "lungbox", "write"), 0.0)
+    buf = None
+    acc = None
+    for i, p in enumerate(paths):
+        t0 = time.perf_counter()
+        ds = read_dataset(p)
+        slope, intercept = rescale(ds)
+        px = read_pixels(ds, p)
+        t1 = time.perf_counter()
+        if buf is None:
+            buf = np.empty((*px.shape, 3), np.uint8)
+            acc = LungAccumulator(*px.shape)
+        bgr = window_pixels(px, slope, intercept, out=buf, bgr=True)
+        t2 = time.perf_counter()
+        data = pc._encode_bgr(pc.resize_image(bgr, size), params)
+        t3 = time.perf_counter()
+        if i % 4 == 0:  # the cache uses ~64 evenly spaced slices per study (every 4th of ~245)
+            acc.add_pixels(px, slope, intercept)
+        t4 = time.perf_counter()
+        write_bytes_atomic(scratch / f"{i % 64:04d}.jpg", data)
+        t5 = time.perf_counter()
+        for k, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+            t[k] += dt
+    return {k: v / len(paths) for k, v in t.items()}
+
+
+def naive(paths: list[str], scratch: Path) -> float:
+    """Seconds per image of the straightforward single-process version."""
+    t0 = time.perf_counter()
+    for i, p in enumerate(paths):
+        ds = pydicom.dcmread(p)
+        hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        chans = [np.round(np.clip((hu - (c - w / 2)) / w, 0, 1) * 255).astype(np.uint8) for c, w in WINDOWS.values()]
+        cv2.imwrite(str(scratch / f"{i % 64:04d}.jpg"), np.dstack(chans[::-1]))  # BGR for OpenCV
+    return (time.perf_counter() - t0) / len(paths)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=3000, help="slices (512², uncompressed)")
+    ap.add_argument("--study-slices", type=int, default=50)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--quality", type=int, default=95)
+    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--naive-n", type=int, default=1000, help="files for the naive baseline (a subset)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--tmp", type=Path, default=None, help="folder for the generated files (default: a temp dir)")
+    args = ap.parse_args(argv)
+    cores = args.workers
+    root = Path(tempfile.mkdtemp(prefix="bench_cache_", dir=args.tmp))
+    try:
+        load0 = os.getloadavg()
+        t0 = time.perf_counter()
+        meta = make_files(root / "dicom", args.n, args.study_slices)
+        print(f"wrote {len(meta)} slices of 512² in {time.perf_counter() - t0:.1f} s; load average {load0[0]:.2f}")
+        paths = meta["path"].tolist()
+        scratch = root / "scratch"
+        scratch.mkdir()
+        # Warm-up: numba kernels, the window table, OpenCV, the page cache of every file.
+        time_stages(paths[:50], args.size, args.quality, scratch)
+        for p in paths:
+            Path(p).read_bytes()
+        pc.cache_images(meta.head(2 * args.study_slices), root / "warm", size=args.size, quality=args.quality,
+                        workers=cores, progress=False)
+
+        stages = time_stages(paths, args.size, args.quality, scratch)
+        per_image = stages["read"] + stages["window"] + stages["encode"]
+        bound = cores / per_image
+        bound_all = cores / sum(stages.values())
+
+        summary = pc.cache_images(meta, root / "cache", size=args.size, quality=args.quality, workers=cores,
+                                  progress=False)
+        cache_rate = summary["slices_written"] / summary["seconds"]
+
+        naive_rate = 1.0 / naive(paths[: args.naive_n], scratch)
+        load1 = os.getloadavg()
+
+        res = {
+            "n_images": len(paths), "cores": cores, "size": args.size, "quality": args.quality,
+            **{f"stage_{k}_per_s_per_core": round(1 / v, 1) for k, v in stages.items()},
+            "bound_images_per_s": round(bound, 1), "bound_all_stages_images_per_s": round(bound_all, 1),
+            "cache_images_per_s": round(cache_rate, 1), "naive_images_per_s": round(naive_rate, 1),
+            "cache_over_bound": round(cache_rate / bound, 3), "cache_over_naive": round(cache_rate / naive_rate, 2),
+            "load_average_before": round(load0[0], 2), "load_average_after": round(load1[0], 2),
+        }
+        print("per-stage speed, one core (images/s): " + ", ".join(
+            f"{k} {1 / v:,.0f}" for k, v in stages.items()))
+        print(f"bound = {cores} cores / (read + window + encode) = {bound:,.0f} images/s "
+              f"(with lung box + file write: {bound_all:,.0f})")
+        print(f"cache (workers={cores}):     {cache_rate:,.0f} images/s = {cache_rate / bound:.0%} of the bound "
+              f"({cache_rate / bound_all:.0%} of the all-stage bound)  [target >= 80 %]")
+        print(f"naive (1 process, 4:2:0): {naive_rate:,.0f} images/s; cache / naive = {cache_rate / naive_rate:.2f}x"
+              f"  [target >= 2x]")
+        print(f"load average (1 min) before {load0[0]:.2f}, after {load1[0]:.2f} on {os.cpu_count()} CPUs")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(res, indent=2) + "\n")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""Build the Kaggle upload folders for the offline inference notebook (``make kaggle-dataset``).
+
+    python kernels/make_kaggle_dataset.py [--user NAME] [--models EXP ...] [--ensemble NAME] [--folds 0 1 ...]
+
+Writes, under kernels/build/ (git-ignored; rebuilt from scratch on every run):
+- ``rsna-pe-src/``: a copy of the repository's ``src/`` (package ``pe``, numbered scripts, configs)
+  and ``kernels/rsna-pe-inference/inference.py``, with ``dataset-metadata.json``;
+- ``rsna-pe-models/`` (only with ``--models`` or ``--ensemble``): ``<exp>/fold<k>/{best.pt,config.yaml}``
+  of the chosen experiments (from ``work/models/``, i.e. ``$PE_WORK_DIR/models``) and the ensemble's
+  ``weights.json`` (from ``oof/<NAME>/``), with ``dataset-metadata.json``;
+- ``rsna-pe-inference/``: the notebook and ``kernel-metadata.json`` with ``--user`` filled in.
+
+Upload with the Kaggle CLI: ``kaggle datasets create -p kernels/build/rsna-pe-src`` (then
+``kaggle datasets version -p ... -m msg`` for updates), the same for ``rsna-pe-models``, then
+``kaggle kernels push -p kernels/build/rsna-pe-inference``. Nothing is copied by hand between
+``src/`` and ``kernels/``: this script is the only bridge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+KERNELS = Path(__file__).resolve().parent
+REPO = KERNELS.parent
+# This script lives outside src/ and is run as a file (Makefile: make kaggle-dataset), so the
+# package is put on the path here, as in the kernel itself; everything else imports pe normally.
+sys.path.insert(0, str(REPO / "src"))
+
+from pe import paths  # noqa: E402
+from pe.io import write_json_atomic, write_text_atomic  # noqa: E402
+
+KERNEL_DIR = KERNELS / "rsna-pe-inference"
+CODE_SLUG = "rsna-pe-src"
+MODELS_SLUG = "rsna-pe-models"
+PLACEHOLDER_USER = "YOUR_KAGGLE_USERNAME"
+_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
+
+
+def dataset_metadata(user: str, slug: str, title: str, license_name: str) -> dict[str, object]:
+    """Kaggle CLI ``dataset-metadata.json``: title, id ``<user>/<slug>``, licenses."""
+    return {"title": title, "id": f"{user}/{slug}", "licenses": [{"name": license_name}]}
+
+
+def build_code(out: Path, user: str, license_name: str) -> Path:
+    dest = out / CODE_SLUG
+    shutil.copytree(REPO / "src", dest / "src", ignore=_IGNORE)
+    (dest / "kernels" / KERNEL_DIR.name).mkdir(parents=True)
+    shutil.copy2(KERNEL_DIR / "inference.py", dest / "kernels" / KERNEL_DIR.name / "inference.py")
+    write_json_atomic(dest / "dataset-metadata.json",
+                      dataset_metadata(user, CODE_SLUG, "RSNA PE pipeline code (pe package)", license_name))
+    return dest
+
+
+def experiments_of_ensemble(name: str) -> tuple[Path, list[str]]:
+    """weights.json of ``oof/<name>/`` and every experiment it needs (members and their CNNs)."""
+    wpath = paths.exp_oof_dir(name) / "weights.json"
+    if not wpath.is_file():
+        raise SystemExit(f"{wpath}: not found (run src/07_ensemble.py --out {name})")
+    members = list(json.loads(wpath.read_text())["members"])
+    from pe.ensemble import cnn_exp_of
+
+    cnns = []
+    for m in members:
+        c = cnn_exp_of(m)
+        if c is None:
+            raise SystemExit(f"{paths.models_dir() / m}: no fold*/config.yaml naming its cnn_exp")
+        cnns.append(c)
+    return wpath, list(dict.fromkeys([*cnns, *members]))
+
+
+def build_models(out: Path, user: str, license_name: str, experiments: list[str], folds: list[int] | None,
+                 weights: Path | None) -> Path:
+    dest = out / MODELS_SLUG
+    dest.mkdir(parents=True)
+    for exp in experiments:
+        src_exp = Path(exp) if Path(exp).is_dir() else paths.models_dir() / exp
+        runs = sorted(p.parent for p in src_exp.glob("fold*/best.pt"))
+        if folds is not None:
+            runs = [r for r in runs if int(r.name[len("fold"):]) in folds]
+        if not runs:
+            raise SystemExit(f"{src_exp}: no fold*/best.pt{' for folds ' + str(folds) if folds else ''}")
+        for run in runs:
+            target = dest / src_exp.name / run.name
+            target.mkdir(parents=True)
+            for name in ("best.pt", "config.yaml"):
+                if not (run / name).is_file():
+                    raise SystemExit(f"{run / name}: missing")
+                shutil.copy2(run / name, target / name)
+    if weights is not None:
+        shutil.copy2(weights, dest / "weights.json")
+    write_json_atomic(dest / "dataset-metadata.json",
+                      dataset_metadata(user, MODELS_SLUG, "RSNA PE pipeline models", license_name))
+    return dest
+
+
+def build_kernel(out: Path, user: str) -> Path:
+    dest = out / KERNEL_DIR.name
+    dest.mkdir(parents=True)
+    meta = json.loads((KERNEL_DIR / "kernel-metadata.json").read_text())
+    meta["id"] = meta["id"].replace(PLACEHOLDER_USER, user)
+    meta["dataset_sources"] = [s.replace(PLACEHOLDER_USER, user) for s in meta["dataset_sources"]]
+    write_json_atomic(dest / "kernel-metadata.json", meta)
+    write_text_atomic(dest / meta["code_file"], (KERNEL_DIR / meta["code_file"]).read_text())
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--user", default=os.environ.get("KAGGLE_USERNAME", PLACEHOLDER_USER))
+    ap.add_argument("--models", nargs="*", default=[], help="experiment names under work/models/ (or folders)")
+    ap.add_argument("--ensemble", default=None, help="ensemble name: its weights.json and all its experiments")
+    ap.add_argument("--folds", type=int, nargs="*", default=None, help="only these folds (default: all)")
+    ap.add_argument("--out", type=Path, default=KERNELS / "build")
+    ap.add_argument("--license", default="CC0-1.0", help="license name in dataset-metadata.json")
+    args = ap.parse_args(argv)
+    out = args.out.resolve()
+    for sub in (CODE_SLUG, MODELS_SLUG, KERNEL_DIR.name):
+        shutil.rmtree(out / sub, ignore_errors=True)  # a rebuild never mixes old and new files
+    built = [build_code(out, args.user, args.license)]
+    experiments = list(args.models)
+    weights = None
+    if args.ensemble:
+        weights, needed = experiments_of_ensemble(args.ensemble)
+        experiments = list(dict.fromkeys([*experiments, *needed]))
+    if experiments:
+        built.append(build_models(out, args.user, args.license, experiments, args.folds, weights))
+    built.append(build_kernel(out, args.user))
+    for d in built:
+        n = sum(1 for p in d.rglob("*") if p.is_file())
+        size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+        print(f"{d}: {n} files, {size / 1e6:.1f} MB")
+    if args.user == PLACEHOLDER_USER:
+        print(f"note: ids use the placeholder {PLACEHOLDER_USER}; pass --user or set KAGGLE_USERNAME")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""Stage 00: write a synthetic RSPECT look-alike (see src/pe/phantom.py).
+
+Reads: nothing. Writes (CONTRACTS.md row 00): DIR/train/<study>/<series>/<sop>.dcm, DIR/test/...,
+DIR/train.csv (17 columns), DIR/test.csv, DIR/sample_submission.csv (all 0.5), DIR/train_boxes.csv
+(SOPInstanceUID,x,y,width,height), DIR/phantom_truth.csv (per study: lung box, labels, storage),
+DIR/phantom_test_labels.csv and DIR/phantom_test_boxes.csv (test truth, for scoring the demo).
+Same seed, same bytes. An existing phantom in DIR is replaced; any other data there is refused.
+
+    python src/00_make_phantom.py --out input/phantom --train-studies 40 --test-studies 10 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from pe.phantom import UID_STYLES, default_workers, make_phantom
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output folder (the data root of later stages)")
+    ap.add_argument("--train-studies", type=int, required=True)
+    ap.add_argument("--test-studies", type=int, required=True)
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--size", type=int, default=512, help="rows = columns of every slice")
+    ap.add_argument("--min-slices", type=int, default=40)
+    ap.add_argument("--max-slices", type=int, default=100)
+    ap.add_argument("--workers", type=int, default=default_workers())
+    ap.add_argument("--uid-style", choices=UID_STYLES, default="kaggle",
+                    help="kaggle: 12-hex ids like the real data; dicom: 2.25.* DICOM UIDs")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    make_phantom(args.out, train_studies=args.train_studies, test_studies=args.test_studies, seed=args.seed,
+                 size=args.size, min_slices=args.min_slices, max_slices=args.max_slices, workers=args.workers,
+                 uid_style=args.uid_style)
+    print(f"phantom written to {args.out} in {time.time() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

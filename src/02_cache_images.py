@@ -1,0 +1,40 @@
+"""Stage 02: 3-window JPEG cache of every slice, plus per-study lung boxes.
+
+Reads META (the stage-01 metadata parquet: StudyInstanceUID, SOPInstanceUID, path, slice_index, ...)
+and the DICOM files it lists. Writes into OUT (CONTRACTS.md, row 02):
+``OUT/<StudyInstanceUID>/<slice_index:04d>.jpg`` (R lung, G PE, B mediastinal window; 4:4:4 JPEG),
+``OUT/index.parquet``, ``OUT/boxes.csv``, ``OUT/errors.csv`` and the per-study parts in
+``OUT/_parts/`` that make the run resumable (a study with a part is skipped unless --force).
+
+    python src/02_cache_images.py --meta work/meta/train.parquet --out work/cache/jpeg512 \
+        [--size 512] [--quality 95] [--workers N] [--shard i/n] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from pe.cache import cache_images, parse_shard
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--meta", type=Path, required=True, help="metadata parquet of one split (stage 01)")
+    ap.add_argument("--out", type=Path, required=True, help="cache folder (shared by train and test runs)")
+    ap.add_argument("--size", type=int, default=512, help="side of the square cached images, pixels")
+    ap.add_argument("--quality", type=int, default=95, help="JPEG quality (4:4:4 chroma sampling)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (one study each)")
+    ap.add_argument("--shard", type=parse_shard, default=None, help="i/n: only studies of shard i of n")
+    ap.add_argument("--force", action="store_true", help="redo studies that are already complete")
+    args = ap.parse_args(argv)
+    cache_images(args.meta, args.out, size=args.size, quality=args.quality, workers=args.workers,
+                 shard=args.shard, force=args.force)
+    # A study without any decodable slice is reported in the summary and errors.csv; it does not
+    # fail the command, so the other studies (and later stages) go on.
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,36 @@
+"""Stage 04: train the 2.5D slice CNN of one experiment on one fold (``--fold -1``: all folds).
+
+Reads  the config YAML (+ trailing key=value overrides), the train metadata, folds CSV and JPEG
+       cache it names (defaults from src/pe/paths.py)
+Writes work/models/<exp>/fold<k>/{config.yaml, metrics.jsonl, last.pt, best.pt} and
+       oof/<exp>/cnn_fold<k>.parquet (SOPInstanceUID, StudyInstanceUID, prob) of the fold's
+       validation studies
+
+    python src/04_train_cnn.py --config src/configs/demo.yaml --fold 0 [--resume] [epochs=2 lr=1e-3]
+    torchrun --nproc_per_node 4 src/04_train_cnn.py --config src/configs/cnn_effv2s_512.yaml --fold 0
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pe.cnn import CNNConfig
+from pe.config import load_config
+from pe.train_cnn import train_fold
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="experiment YAML (src/configs/<exp>.yaml)")
+    ap.add_argument("--fold", type=int, required=True, help="validation fold; -1 trains on all folds")
+    ap.add_argument("--resume", action="store_true", help="continue from the run folder's last.pt")
+    ap.add_argument("overrides", nargs="*", help="config overrides key=value")
+    args = ap.parse_args(argv)
+    cfg = load_config(CNNConfig, args.config, args.overrides)
+    run = train_fold(cfg, args.fold, resume=args.resume)
+    print(f"run folder: {run}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,523 @@
+"""Out-of-fold ensembling of submission-shaped predictions (``id,label``), used by
+``src/07_ensemble.py`` (fitting) and by the Kaggle kernel (applying ``weights.json``).
+
+Blending weights are non-negative and sum to 1 (SLSQP on the simplex), fitted by minimising the
+competition metric on the members' out-of-fold predictions, separately per *label group*:
+
+| group      | rows                                           | why together                               |
+|------------|------------------------------------------------|--------------------------------------------|
+| image      | ``pe_present_on_image`` (one row per slice)    | the only per-slice output                  |
+| negative   | ``negative_exam_for_pe``, ``indeterminate``    | the two labels of a predicted-negative exam |
+| chronicity | ``chronic_pe``, ``acute_and_chronic_pe``       | mutually exclusive pair (rule 1c)          |
+| location   | ``central_pe``, ``leftsided_pe``, ``rightsided_pe`` | one anatomical sub-task (rule 1b)     |
+| rv_lv      | ``rv_lv_ratio_gte_1``, ``rv_lv_ratio_lt_1``    | complementary pair (rule 1a)               |
+
+The metric is a weighted sum of per-row losses divided by a total weight that depends on the truth
+only, so it decomposes exactly over the groups: minimising each group's contribution minimises the
+whole. Members are averaged either as probabilities or as logits (one mode for all groups, chosen by
+the cross-fitted OOF metric). Overfitting the weights is guarded against by *cross-fitting*: for
+each fold, weights are fitted on the other folds and applied to it, giving an honest OOF estimate;
+a group keeps its fitted weights only when their cross-fitted loss beats equal weights, otherwise it
+falls back to equal weights. The written OOF predictions are the cross-fitted ones (so whatever
+scores ``oof.csv`` later sees an honest number); test predictions use weights fitted on all folds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from scipy.optimize import minimize
+
+from pe import paths, rspect
+from pe.baselines import max_aggregation_predictions
+from pe.hierarchy import RULE_IDS, check_long, repair_long, summarize_repair
+from pe.io import write_csv_atomic, write_json_atomic
+from pe.metric import Scorer, bce, prior_predictions, score
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "image": (rspect.IMAGE_LABEL,),
+    "negative": ("negative_exam_for_pe", "indeterminate"),
+    "chronicity": rspect.CHRONICITY_LABELS,
+    "location": rspect.LOCATION_LABELS,
+    "rv_lv": rspect.RV_LV_LABELS,
+}
+MODES: tuple[str, ...] = ("prob", "logit")
+_FOLD_FILE = re.compile(r"fold(\d+)\.csv")
+_TEST_FOLD_FILE = re.compile(r"test_fold(\d+)\.csv")
+# Clipping inside the blend: the metric clips at 1e-15, but logits of 1e-15 (±34.5) would let one
+# over-confident member dominate a logit average; 1e-6 keeps a member's vote bounded (±13.8).
+_BLEND_EPS = 1e-6
+
+
+class EnsembleError(ValueError):
+    """Member predictions that cannot be blended (missing, duplicated or mismatched ids)."""
+
+
+# --- reading members ---------------------------------------------------------------------------
+def read_long(path: str | Path) -> pd.DataFrame:
+    """Read one ``id,label`` CSV, checking columns, duplicates and label range; errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise EnsembleError(f"{p}: file not found")
+    df = pd.read_csv(p, dtype={"id": str})
+    if list(df.columns) != list(rspect.SUBMISSION_COLUMNS):
+        raise EnsembleError(f"{p}: expected columns {list(rspect.SUBMISSION_COLUMNS)}, got {list(df.columns)}")
+    dup = df["id"][df["id"].duplicated()]
+    if len(dup):
+        raise EnsembleError(f"{p}: {len(dup)} duplicated id(s), first {list(dup.iloc[:3])}")
+    lab = df["label"].to_numpy(dtype=float)
+    bad = ~np.isfinite(lab) | (lab < 0) | (lab > 1)
+    if bad.any():
+        raise EnsembleError(f"{p}: {int(bad.sum())} label(s) not finite in [0, 1], first id {df['id'][bad].iloc[0]}")
+    return df
+
+
+def member_fold_files(exp_dir: Path, test: bool = False) -> dict[int, Path]:
+    """``{fold: path}`` of ``fold<k>.csv`` (OOF) or ``test_fold<k>.csv`` (test) in ``exp_dir``."""
+    pattern = _TEST_FOLD_FILE if test else _FOLD_FILE
+    files = {}
+    for p in sorted(Path(exp_dir).glob("*.csv")):
+        m = pattern.fullmatch(p.name)
+        if m:
+            files[int(m.group(1))] = p
+    return files
+
+
+def read_member_oof(exp_dir: str | Path) -> pd.DataFrame:
+    """All OOF fold files of one member: columns ``id, label, fold``; every id exactly once."""
+    exp_dir = Path(exp_dir)
+    files = member_fold_files(exp_dir)
+    if not files:
+        raise EnsembleError(f"{exp_dir}: no OOF files fold<k>.csv found")
+    parts = []
+    for fold, p in files.items():
+        df = read_long(p)
+        df["fold"] = fold
+        parts.append(df)
+    out = pd.concat(parts, ignore_index=True)
+    dup = out["id"][out["id"].duplicated()]
+    if len(dup):
+        raise EnsembleError(f"{exp_dir}: {len(dup)} id(s) predicted in more than one fold file, first {list(dup.iloc[:3])}")
+    return out
+
+
+def to_space(p: np.ndarray, mode: str) -> np.ndarray:
+    """Probabilities → the averaging space of ``mode`` (identity or logit of clipped p)."""
+    if mode == "prob":
+        return np.asarray(p, dtype=np.float64)
+    if mode == "logit":
+        q = np.clip(np.asarray(p, dtype=np.float64), _BLEND_EPS, 1 - _BLEND_EPS)
+        return np.log(q) - np.log1p(-q)
+    raise ValueError(f"unknown blend mode {mode!r}; expected one of {MODES}")
+
+
+def from_space(x: np.ndarray, mode: str) -> np.ndarray:
+    """Inverse of :func:`to_space`."""
+    if mode == "prob":
+        return x
+    if mode == "logit":
+        return 1.0 / (1.0 + np.exp(-x))
+    raise ValueError(f"unknown blend mode {mode!r}; expected one of {MODES}")
+
+
+def average_long(frames: Sequence[pd.DataFrame], mode: str = "prob", weights: Sequence[float] | None = None,
+                 what: str = "predictions") -> pd.DataFrame:
+    """Weighted average of ``id,label`` frames with identical id sets, in probability or logit space."""
+    if not frames:
+        raise EnsembleError(f"{what}: nothing to average")
+    ids = frames[0]["id"].to_numpy()
+    order = pd.Index(ids)
+    w = np.full(len(frames), 1 / len(frames)) if weights is None else np.asarray(weights, dtype=float)
+    acc = np.zeros(len(ids))
+    for i, f in enumerate(frames):
+        if len(f) != len(order) or not order.equals(pd.Index(f["id"])):
+            s = f.set_index("id")["label"]
+            if len(s) != len(order) or not s.index.isin(order).all():
+                missing = order.difference(s.index)[:3].tolist()
+                extra = s.index.difference(order)[:3].tolist()
+                raise EnsembleError(f"{what}: frame {i} has a different id set (missing {missing}, extra {extra})")
+            lab = s.reindex(order).to_numpy(dtype=float)
+        else:
+            lab = f["label"].to_numpy(dtype=float)
+        acc += w[i] * to_space(lab, mode)
+    return pd.DataFrame({"id": ids, "label": np.clip(from_space(acc, mode), 0.0, 1.0)})
+
+
+def read_member_test(exp_dir: str | Path, mode: str = "prob") -> pd.DataFrame:
+    """A member's test predictions averaged over its ``test_fold<k>.csv`` files (in ``mode`` space)."""
+    exp_dir = Path(exp_dir)
+    files = member_fold_files(exp_dir, test=True)
+    if not files:
+        raise EnsembleError(f"{exp_dir}: no test predictions test_fold<k>.csv found")
+    return average_long([read_long(p) for p in files.values()], mode, what=f"{exp_dir} test folds")
+
+
+# --- rows, groups and metric weights ---------------------------------------------------------------
+def label_of_ids(ids: pd.Series | np.ndarray) -> np.ndarray:
+    """Label name of every submission id (exam ids by suffix, everything else the image label)."""
+    s = pd.Series(np.asarray(ids, dtype=object)).astype(str)
+    out = np.full(len(s), rspect.IMAGE_LABEL, dtype=object)
+    # Longest suffix last: "acute_and_chronic_pe" also ends with "_chronic_pe".
+    for lab in sorted(rspect.EXAM_LABELS, key=len):
+        out[s.str.endswith("_" + lab).to_numpy()] = lab
+    return out
+
+
+def studies_of_ids(ids: np.ndarray) -> np.ndarray:
+    """Unique StudyInstanceUIDs named by the exam-row ids among ``ids`` (first-seen order)."""
+    ids = np.asarray(ids, dtype=object)
+    labels = label_of_ids(ids)
+    exam = labels != rspect.IMAGE_LABEL
+    suffix_len = pd.Series(labels[exam]).str.len().to_numpy() + 1
+    return pd.unique(np.array([i[:-n] for i, n in zip(ids[exam], suffix_len, strict=True)], dtype=object))
+
+
+def group_of_labels(labels: np.ndarray) -> np.ndarray:
+    """Blend group (a key of :data:`GROUPS`) of every label name."""
+    lut = {lab: g for g, labs in GROUPS.items() for lab in labs}
+    codes, uniques = pd.factorize(np.asarray(labels, dtype=object))
+    return np.array([lut[u] for u in uniques] + [None], dtype=object)[codes]
+
+
+def weighted_loss(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> float:
+    """Σ w·BCE(y, p) (not normalised), with the metric's own clipped BCE."""
+    return float(np.asarray(w, dtype=np.float64) @ bce(y, p))
+
+
+# --- fitting -----------------------------------------------------------------------------------
+def blend(X: np.ndarray, w: np.ndarray, mode: str) -> np.ndarray:
+    """Blend member columns ``X`` (already in ``mode`` space) with weights ``w`` → probabilities."""
+    return np.clip(from_space(X @ w, mode), 0.0, 1.0)
+
+
+def fit_weights(X: np.ndarray, y: np.ndarray, rw: np.ndarray, mode: str) -> np.ndarray:
+    """Simplex weights (≥ 0, Σ = 1) minimising Σ rw·BCE(y, blend(X, w)); SLSQP from equal weights.
+
+    ``X`` (n, M) holds the members in ``mode`` space. With no weighted rows (e.g. the image group
+    of a fold without positive exams) the data say nothing and equal weights are returned.
+    """
+    m = X.shape[1]
+    w0 = np.full(m, 1.0 / m)
+    keep = rw > 0
+    if m == 1 or not keep.any():
+        return w0
+    X, y, rw = X[keep], y[keep], rw[keep] / rw[keep].sum()  # normalised: well-scaled objective
+
+    def loss_and_grad(w: np.ndarray) -> tuple[float, np.ndarray]:
+        z = X @ w
+        if mode == "prob":
+            p = np.clip(z, rspect.CLIP_EPS, 1 - rspect.CLIP_EPS)
+            dldz = (p - y) / (p * (1 - p))
+        else:
+            p = np.clip(1 / (1 + np.exp(-z)), rspect.CLIP_EPS, 1 - rspect.CLIP_EPS)
+            dldz = p - y
+        loss = -(rw * (y * np.log(p) + (1 - y) * np.log1p(-p))).sum()
+        return float(loss), X.T @ (rw * dldz)
+
+    res = minimize(loss_and_grad, w0, jac=True, method="SLSQP", bounds=[(0.0, 1.0)] * m,
+                   constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)}],
+                   options={"maxiter": 200, "ftol": 1e-10})
+    w = np.clip(res.x, 0.0, None)
+    w = w / w.sum() if w.sum() > 0 else w0
+    # SLSQP may stop early on flat objectives; never return something worse than the start.
+    return w if loss_and_grad(w)[0] <= loss_and_grad(w0)[0] else w0
+
+
+@dataclasses.dataclass
+class BlendData:
+    """Members aligned on one id order, with truth, metric row weights, groups and folds."""
+
+    ids: np.ndarray
+    members: list[str]
+    P: np.ndarray  # (n, M) probabilities
+    folds: np.ndarray
+    y: np.ndarray
+    rw: np.ndarray
+    groups: np.ndarray
+    study: np.ndarray
+
+    @property
+    def total_weight(self) -> float:
+        return float(self.rw.sum())
+
+
+def align_members(oofs: Mapping[str, pd.DataFrame], truth: pd.DataFrame) -> BlendData:
+    """Align member OOF frames (``id, label, fold``) on the metric's row order for their studies.
+
+    Every member must predict exactly the same id set, and that set must be all ids of the studies it
+    covers (``truth`` is train.csv-shaped); folds are taken from the first member. Truth labels and
+    row weights come from :class:`pe.metric.Scorer`, so the blend objective is the metric itself.
+    """
+    names = list(oofs)
+    if not names:
+        raise EnsembleError("no ensemble members given")
+    first = oofs[names[0]]
+    studies = studies_of_ids(first["id"].to_numpy())
+    try:
+        scorer = Scorer(truth, studies)
+    except ValueError as e:
+        raise EnsembleError(f"member {names[0]}: {e}") from e
+    ids = scorer.all_ids
+    order = pd.Index(ids)
+    cols = []
+    for name in names:
+        frame = oofs[name]
+        idx = pd.Index(frame["id"])
+        if len(idx) != len(order) or not idx.isin(order).all():
+            missing = order.difference(idx)
+            extra = idx.difference(order)
+            raise EnsembleError(f"member {name}: id set differs from the ids of member {names[0]}'s studies "
+                                f"({len(missing)} missing e.g. {missing[:3].tolist()}, "
+                                f"{len(extra)} extra e.g. {extra[:3].tolist()})")
+        ip, ep = scorer.align(pd.DataFrame({"id": idx.to_numpy(dtype=object), "label": frame["label"].to_numpy()}))
+        cols.append(np.concatenate([ip, ep.ravel()]))
+    n_img, n_st = scorer.n_images, scorer.n_studies
+    exam_w = np.asarray(rspect.EXAM_WEIGHT_VECTOR, dtype=np.float64)
+    row_group = np.concatenate([np.full(n_img, "image", dtype=object),
+                                np.tile(group_of_labels(np.array(rspect.EXAM_LABELS, dtype=object)), n_st)])
+    return BlendData(
+        ids=ids, members=names, P=np.column_stack(cols),
+        folds=first.set_index("id")["fold"].reindex(order).to_numpy(),
+        y=np.concatenate([scorer.image_truth, scorer.exam_truth.ravel()]),
+        rw=np.concatenate([scorer.image_weight, np.tile(exam_w, n_st)]),
+        groups=row_group,
+        study=np.concatenate([scorer.study_ids[scorer.image_study], np.repeat(scorer.study_ids, len(exam_w))]))
+
+
+@dataclasses.dataclass
+class EnsembleFit:
+    """Everything :func:`fit_ensemble` decided and measured (scores are the competition metric)."""
+
+    mode: str
+    weights: dict[str, dict[str, float]]  # group -> member -> weight (fitted on all folds, after fallback)
+    source: dict[str, str]  # group -> "fitted" | "equal"
+    oof_pred: np.ndarray  # cross-fitted OOF blend after the per-group fallback
+    scores: dict[str, float]  # named metric values (see fit_ensemble)
+    group_losses: dict[str, dict[str, dict[str, float]]]  # mode -> kind -> group -> contribution
+    fold_weights: dict[str, dict[int, dict[str, list[float]]]]  # mode -> fold -> group -> weights
+
+    def to_json(self, members: Sequence[str]) -> dict[str, Any]:
+        return {
+            "members": list(members),
+            "mode": self.mode,
+            "groups": {g: {"labels": list(GROUPS[g]), "weights": self.weights[g], "source": self.source[g]}
+                       for g in GROUPS},
+            "scores": self.scores,
+            "group_losses": self.group_losses,
+            "fold_weights": {m: {str(k): v for k, v in fw.items()} for m, fw in self.fold_weights.items()},
+        }
+
+
+def fit_ensemble(data: BlendData) -> EnsembleFit:
+    """Fit group-wise simplex weights in both modes, cross-fitted over folds; pick mode and fallback.
+
+    ``scores`` holds, per mode, ``<mode>_equal`` (equal weights), ``<mode>_in_sample`` (weights fitted
+    on all folds, scored on the same rows: optimistic), ``<mode>_cross_fitted`` (each fold scored with
+    weights fitted on the others) and ``<mode>_final`` (cross-fitted after the per-group fallback to
+    equal weights); ``final`` is the chosen mode's ``_final`` and ``members/<name>`` each member alone.
+    """
+    W = data.total_weight
+    if W <= 0:
+        raise EnsembleError("the truth gives every row zero weight: nothing to fit")
+    fold_values = np.unique(data.folds)
+    m = len(data.members)
+    equal = np.full(m, 1.0 / m)
+    scores: dict[str, float] = {}
+    for j, name in enumerate(data.members):
+        scores[f"members/{name}"] = weighted_loss(data.y, data.P[:, j], data.rw) / W
+    per_mode: dict[str, Any] = {}
+    group_losses: dict[str, dict[str, dict[str, float]]] = {}
+    fold_weights: dict[str, dict[int, dict[str, list[float]]]] = {}
+    for mode in MODES:
+        X = to_space(data.P, mode)
+        full_w: dict[str, np.ndarray] = {}
+        cf_pred = np.empty(len(data.ids))
+        eq_pred = blend(X, equal, mode)
+        ins_pred = np.empty(len(data.ids))
+        fold_weights[mode] = {int(k): {} for k in fold_values}
+        for g in GROUPS:
+            gm = data.groups == g
+            if not gm.any():
+                full_w[g] = equal
+                continue
+            full_w[g] = fit_weights(X[gm], data.y[gm], data.rw[gm], mode)
+            ins_pred[gm] = blend(X[gm], full_w[g], mode)
+            for k in fold_values:
+                train = gm & (data.folds != k)
+                test = gm & (data.folds == k)
+                # A single fold has no held-out partner: its "cross-fitted" weights are equal weights.
+                wk = fit_weights(X[train], data.y[train], data.rw[train], mode) if train.any() else equal
+                fold_weights[mode][int(k)][g] = [float(v) for v in wk]
+                cf_pred[test] = blend(X[test], wk, mode)
+        losses: dict[str, dict[str, float]] = {"equal": {}, "in_sample": {}, "cross_fitted": {}}
+        for g in GROUPS:
+            gm = data.groups == g
+            for kind, pred in (("equal", eq_pred), ("in_sample", ins_pred), ("cross_fitted", cf_pred)):
+                losses[kind][g] = weighted_loss(data.y[gm], pred[gm], data.rw[gm]) / W if gm.any() else 0.0
+        # Per group: keep fitted weights only when their cross-fitted loss beats equal weights.
+        source = {g: "fitted" if losses["cross_fitted"][g] < losses["equal"][g] else "equal" for g in GROUPS}
+        final_pred = cf_pred.copy()
+        for g in GROUPS:
+            if source[g] == "equal":
+                gm = data.groups == g
+                final_pred[gm] = eq_pred[gm]
+        for kind in ("equal", "in_sample", "cross_fitted"):
+            scores[f"{mode}_{kind}"] = sum(losses[kind].values())
+        scores[f"{mode}_final"] = weighted_loss(data.y, final_pred, data.rw) / W
+        group_losses[mode] = losses
+        per_mode[mode] = (full_w, source, final_pred)
+    mode = min(MODES, key=lambda md: scores[f"{md}_final"])
+    full_w, source, final_pred = per_mode[mode]
+    weights = {g: {name: float(equal[j] if source[g] == "equal" else full_w[g][j])
+                   for j, name in enumerate(data.members)} for g in GROUPS}
+    scores["final"] = scores[f"{mode}_final"]
+    return EnsembleFit(mode=mode, weights=weights, source=source, oof_pred=final_pred, scores=scores,
+                       group_losses=group_losses, fold_weights=fold_weights)
+
+
+# --- applying weights (07 on test predictions, and the Kaggle kernel) -------------------------------
+def blend_long(members: Mapping[str, pd.DataFrame], spec: Mapping[str, Any]) -> pd.DataFrame:
+    """Blend members' ``id,label`` frames with a ``weights.json`` spec (see :meth:`EnsembleFit.to_json`).
+
+    Members missing from ``members`` are an error; their weights are not renormalised silently.
+    """
+    names = list(spec["members"])
+    absent = [n for n in names if n not in members]
+    if absent:
+        raise EnsembleError(f"blend needs member(s) {absent}; have {sorted(members)}")
+    mode = spec["mode"]
+    if set(spec["groups"]) != set(GROUPS):
+        raise EnsembleError(f"blend spec has groups {sorted(spec['groups'])}, expected {sorted(GROUPS)}")
+    first = members[names[0]]
+    order = pd.Index(first["id"])
+    cols = []
+    for n in names:
+        s = members[n].set_index("id")["label"]
+        if len(s) != len(order) or not s.index.isin(order).all():
+            raise EnsembleError(f"member {n}: id set differs from member {names[0]}")
+        cols.append(s.reindex(order).to_numpy(dtype=float))
+    X = to_space(np.column_stack(cols), mode)
+    groups = group_of_labels(label_of_ids(order.to_numpy()))
+    out = np.empty(len(order))
+    for g, gs in spec["groups"].items():
+        gm = groups == g
+        if gm.any():
+            out[gm] = blend(X[gm], np.array([gs["weights"][n] for n in names], dtype=float), mode)
+    return pd.DataFrame({"id": order.to_numpy(), "label": out})
+
+
+def equal_spec(members: Sequence[str], mode: str = "prob") -> dict[str, Any]:
+    """A ``weights.json``-shaped spec with equal weights (the kernel's default without a fitted blend)."""
+    w = {n: 1.0 / len(members) for n in members}
+    return {"members": list(members), "mode": mode,
+            "groups": {g: {"labels": list(GROUPS[g]), "weights": dict(w), "source": "equal"} for g in GROUPS}}
+
+
+# --- the stage table ---------------------------------------------------------------------------
+def format_stage_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Fixed-width table of ``{"stage", "oof_metric", "note"}`` rows (metric printed to 4 decimals)."""
+    w_stage = max([len("stage"), *(len(str(r["stage"])) for r in rows)])
+    lines = [f"{'stage':<{w_stage}}  {'OOF metric':>10}  note", f"{'-' * w_stage}  {'-' * 10}  {'-' * 4}"]
+    for r in rows:
+        v = r.get("oof_metric")
+        val = f"{v:10.4f}" if isinstance(v, (int, float)) and np.isfinite(v) else f"{'n/a':>10}"
+        lines.append(f"{r['stage']:<{w_stage}}  {val}  {r.get('note', '')}".rstrip())
+    return "\n".join(lines)
+
+
+# --- the whole stage (src/07_ensemble.py) -------------------------------------------------------
+def read_truth(path: str | Path) -> pd.DataFrame:
+    """train.csv-shaped truth with string ids; errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise EnsembleError(f"{p}: truth file not found")
+    truth = pd.read_csv(p, dtype={c: str for c in rspect.ID_COLUMNS})
+    missing = [c for c in (rspect.STUDY, rspect.SOP, rspect.IMAGE_LABEL, *rspect.EXAM_LABELS) if c not in truth]
+    if missing:
+        raise EnsembleError(f"{p}: missing column(s) {missing}")
+    return truth
+
+
+def cnn_exp_of(seq_exp: str) -> str | None:
+    """The stage-1 experiment a sequence experiment was trained on (``cnn_exp`` in its run config)."""
+    for cfg_path in sorted(paths.models_dir().joinpath(seq_exp).glob("fold*/config.yaml")):
+        value = (yaml.safe_load(cfg_path.read_text()) or {}).get("cnn_exp")
+        if value:
+            return str(value)
+    return None
+
+
+def read_cnn_oof(cnn_exp: str) -> pd.DataFrame | None:
+    """Stage-1 slice probabilities of all folds (``oof/<cnn_exp>/cnn_fold<k>.parquet``), or None."""
+    files = sorted(paths.exp_oof_dir(cnn_exp).glob("cnn_fold*.parquet"))
+    if not files:
+        return None
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def stage_rows(fit: EnsembleFit, data: BlendData, truth: pd.DataFrame, oof_pred: pd.DataFrame,
+               cnn_oof: pd.DataFrame | None, cnn_exp: str | None) -> list[dict[str, Any]]:
+    """The demo's table: OOF metric per stage on the ensemble's studies (all from pe.metric.score)."""
+    studies = pd.Index(pd.unique(data.study))
+    ids_df = truth.loc[truth[rspect.STUDY].isin(studies), list(rspect.ID_COLUMNS)].reset_index(drop=True)
+    rows: list[dict[str, Any]] = []
+    n_st = len(studies)
+    rows.append({"stage": "prior baseline", "oof_metric": score(prior_predictions(truth, ids_df), truth),
+                 "note": f"training label means, {n_st} studies"})
+    cnn_score, note = float("nan"), "no CNN OOF found"
+    if cnn_oof is not None:
+        sub = cnn_oof[cnn_oof[rspect.STUDY].isin(studies)]
+        if sub[rspect.STUDY].nunique() == n_st:
+            cnn_score = score(max_aggregation_predictions(sub, truth), truth)
+            note = f"{cnn_exp}: exam PE = max slice prob"
+        else:
+            note = f"{cnn_exp}: CNN OOF covers {sub[rspect.STUDY].nunique()}/{n_st} studies"
+    rows.append({"stage": "CNN max-aggregation", "oof_metric": cnn_score, "note": note})
+    for name in data.members:
+        rows.append({"stage": f"member {name}", "oof_metric": fit.scores[f"members/{name}"], "note": "sequence model"})
+    rows.append({"stage": "ensemble equal weights", "oof_metric": fit.scores[f"{fit.mode}_equal"],
+                 "note": f"{fit.mode} averaging"})
+    rows.append({"stage": "ensemble fitted in-sample", "oof_metric": fit.scores[f"{fit.mode}_in_sample"],
+                 "note": "optimistic: weights fitted on the scored rows"})
+    fitted = [g for g, s in fit.source.items() if s == "fitted"]
+    rows.append({"stage": "ensemble cross-fitted", "oof_metric": fit.scores["final"],
+                 "note": f"written oof.csv; fitted groups: {','.join(fitted) or 'none'}"})
+    repaired, report = repair_long(oof_pred, ids_df)
+    n_broken = int(check_long(repaired, ids_df)[list(RULE_IDS)].to_numpy().sum())
+    changed = summarize_repair(report)["exams_changed"]
+    rows.append({"stage": "ensemble + repair", "oof_metric": score(repaired, truth),
+                 "note": f"hierarchy repair changed {changed}/{n_st} exams; rules broken after: {n_broken}"})
+    return rows
+
+
+def run_ensemble(members: Sequence[str], out: str, truth_path: str | Path, cnn_exp: str | None = None) -> dict[str, Any]:
+    """Read members from ``oof/<exp>/``, fit, and write ``oof/<out>/{oof,test}.csv``, ``weights.json``
+    and ``stages.json``. Returns the stages dict (rows + scores)."""
+    if len(set(members)) != len(members):
+        raise EnsembleError(f"members named twice: {list(members)}")
+    truth = read_truth(truth_path)
+    oofs = {m: read_member_oof(paths.exp_oof_dir(m)) for m in members}
+    data = align_members(oofs, truth)
+    fit = fit_ensemble(data)
+    out_dir = paths.exp_oof_dir(out)
+    oof_pred = pd.DataFrame({"id": data.ids, "label": fit.oof_pred})
+    spec = fit.to_json(data.members)
+    test_members = {m: read_member_test(paths.exp_oof_dir(m), fit.mode) for m in members}
+    test_pred = blend_long(test_members, spec)
+    cnn_exp = cnn_exp or cnn_exp_of(members[0])
+    cnn_oof = read_cnn_oof(cnn_exp) if cnn_exp else None
+    rows = stage_rows(fit, data, truth, oof_pred, cnn_oof, cnn_exp)
+    stages = {"rows": rows, "scores": fit.scores, "mode": fit.mode, "members": list(members),
+              "n_studies": int(len(pd.unique(data.study))), "table": format_stage_table(rows)}
+    write_csv_atomic(oof_pred, out_dir / "oof.csv")
+    write_csv_atomic(test_pred, out_dir / "test.csv")
+    write_json_atomic(out_dir / "weights.json", spec)
+    write_json_atomic(out_dir / "stages.json", stages)
+    return stages

@@ -1,0 +1,159 @@
+"""Submission frames: conversion between the long ``id,label`` format and per-image / per-exam
+tables, validation against a test.csv, and atomic reading/writing.
+
+Long format (shared/RSPECT.md): one row per image (``id`` = SOPInstanceUID) and nine rows per study
+(``id`` = ``<StudyInstanceUID>_<label>``, ``pe.rspect.exam_row_id``).
+Wide format: ``image_df`` (StudyInstanceUID, SOPInstanceUID, pe_present_on_image) and ``exam_df``
+(StudyInstanceUID + the nine ``EXAM_LABELS``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pe.io import write_csv_atomic
+from pe.rspect import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY, SUBMISSION_COLUMNS
+
+_N_SHOW = 5
+
+
+class SubmissionError(ValueError):
+    """A submission (or prediction file) that does not match its test set or format."""
+
+
+def _first(ids: np.ndarray | pd.Index | list[str], n: int = _N_SHOW) -> str:
+    return ", ".join(map(str, list(ids[:n])))
+
+
+def exam_ids(study_ids: np.ndarray | pd.Series | list[str]) -> np.ndarray:
+    """(n_studies, 9) array of exam-row ids in ``EXAM_LABELS`` order."""
+    studies = np.asarray(study_ids, dtype=object)
+    return (studies[:, None] + "_" + np.asarray(EXAM_LABELS, dtype=object)[None, :]).astype(object)
+
+
+def to_long(image_df: pd.DataFrame, exam_df: pd.DataFrame) -> pd.DataFrame:
+    """Long ``id,label`` frame: every image row of ``image_df`` (SOPInstanceUID, pe_present_on_image),
+    then the nine exam rows of every study of ``exam_df`` (StudyInstanceUID + EXAM_LABELS)."""
+    for name, df, cols in (("image_df", image_df, [SOP, IMAGE_LABEL]), ("exam_df", exam_df, [STUDY, *EXAM_LABELS])):
+        missing = [c for c in cols if c not in df.columns]
+        if missing:
+            raise SubmissionError(f"{name} lacks columns {missing}")
+    ids = np.concatenate([image_df[SOP].astype(str).to_numpy(dtype=object),
+                          exam_ids(exam_df[STUDY].astype(str).to_numpy(dtype=object)).ravel()])
+    labels = np.concatenate([image_df[IMAGE_LABEL].to_numpy(dtype=np.float64),
+                             exam_df[list(EXAM_LABELS)].to_numpy(dtype=np.float64).ravel()])
+    return pd.DataFrame({"id": ids, "label": labels})
+
+
+def _index(sub: pd.DataFrame, what: str = "submission", exact: bool = True) -> pd.Index:
+    if list(sub.columns) != list(SUBMISSION_COLUMNS) and (exact or not {"id", "label"} <= set(sub.columns)):
+        need = "exactly the columns id,label" if exact else "the columns id,label"
+        raise SubmissionError(f"{what} must have {need}; got {list(sub.columns)}")
+    index = pd.Index(sub["id"].astype(str).to_numpy(dtype=object))
+    if not index.is_unique:
+        dup = index[index.duplicated()].unique()
+        raise SubmissionError(f"{what} has {len(dup)} duplicated ids, e.g. {_first(dup)}")
+    return index
+
+
+def _labels(sub: pd.DataFrame, what: str = "submission") -> np.ndarray:
+    labels = pd.to_numeric(sub["label"], errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(labels)
+    if bad.any():
+        raise SubmissionError(f"{what} has {bad.sum()} non-numeric or non-finite labels, "
+                              f"e.g. ids {_first(sub['id'].to_numpy()[bad])}")
+    bad = (labels < 0) | (labels > 1)
+    if bad.any():
+        raise SubmissionError(f"{what} has {bad.sum()} labels outside [0, 1], "
+                              f"e.g. ids {_first(sub['id'].to_numpy()[bad])}")
+    return labels
+
+
+def expected_ids(ids_df: pd.DataFrame) -> np.ndarray:
+    """All submission ids of a test.csv-like frame: its images, then 9 rows per study."""
+    for c in (STUDY, SOP):
+        if c not in ids_df.columns:
+            raise SubmissionError(f"id table lacks column {c}")
+    studies = pd.unique(ids_df[STUDY].astype(str))
+    return np.concatenate([ids_df[SOP].astype(str).to_numpy(dtype=object), exam_ids(studies).ravel()])
+
+
+def from_long(sub: pd.DataFrame, ids_df: pd.DataFrame, *, strict: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(image_df, exam_df) from a long frame; ``ids_df`` maps SOPInstanceUID to StudyInstanceUID
+    (e.g. test.csv) and fixes the row order. Missing ids raise; with ``strict`` so do extra ids.
+    Columns other than id,label (e.g. an OOF file's fold) are ignored."""
+    index = _index(sub, "prediction", exact=False)
+    labels = pd.to_numeric(sub["label"], errors="coerce").to_numpy(dtype=np.float64)
+    image_ids = ids_df[SOP].astype(str).to_numpy(dtype=object)
+    studies = pd.unique(ids_df[STUDY].astype(str))
+    want = np.concatenate([image_ids, exam_ids(studies).ravel()])
+    pos = index.get_indexer(want)
+    if (pos < 0).any():
+        miss = want[pos < 0]
+        raise SubmissionError(f"prediction lacks {len(miss)} ids, e.g. {_first(miss)}")
+    if strict and len(index) != len(want):
+        extra = np.ones(len(index), dtype=bool)
+        extra[pos] = False
+        raise SubmissionError(f"prediction has {extra.sum()} ids not in the id table, e.g. {_first(index[extra])}")
+    vals = labels[pos]
+    n = len(image_ids)
+    image_df = pd.DataFrame({STUDY: ids_df[STUDY].astype(str).to_numpy(dtype=object), SOP: image_ids,
+                             IMAGE_LABEL: vals[:n]})
+    exam_df = pd.DataFrame(vals[n:].reshape(len(studies), len(EXAM_LABELS)), columns=list(EXAM_LABELS))
+    exam_df.insert(0, STUDY, np.asarray(studies, dtype=object))
+    return image_df, exam_df
+
+
+def validate(sub: pd.DataFrame, test_df: pd.DataFrame) -> None:
+    """Raise :class:`SubmissionError` unless ``sub`` is a valid submission for ``test_df``: columns
+    exactly id,label; no duplicated, missing or extra id; labels finite and in [0, 1]; row count =
+    images + 9 x studies. The message gives the reason, the count and the first offending ids."""
+    index = _index(sub)
+    _labels(sub)
+    want = expected_ids(test_df)
+    if pd.Index(want).has_duplicates:
+        dup = pd.Index(want)[pd.Index(want).duplicated()]
+        raise SubmissionError(f"test table has {len(dup)} duplicated SOPInstanceUIDs, e.g. {_first(dup)}")
+    pos = index.get_indexer(want)
+    if (pos < 0).any():
+        miss = want[pos < 0]
+        raise SubmissionError(f"submission lacks {len(miss)} ids, e.g. {_first(miss)}")
+    if len(index) != len(want):
+        extra = np.ones(len(index), dtype=bool)
+        extra[pos] = False
+        raise SubmissionError(f"submission has {extra.sum()} ids not in the test set, e.g. {_first(index[extra])}")
+    n_studies = test_df[STUDY].nunique()
+    if len(sub) != len(test_df) + len(EXAM_LABELS) * n_studies:  # implied by the above; kept as the rule
+        raise SubmissionError(f"submission has {len(sub)} rows, expected {len(test_df)} images + 9 x {n_studies}")
+
+
+def read_submission(path: str | os.PathLike[str], *, extra_columns: bool = False) -> pd.DataFrame:
+    """Read an ``id,label`` CSV; :class:`SubmissionError` naming the file when it is not one. With
+    ``extra_columns`` other columns are allowed (OOF files with a fold column) and dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise SubmissionError(f"{path}: no such file")
+    try:
+        df = pd.read_csv(path, dtype={"id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise SubmissionError(f"{path}: not a readable CSV ({e})") from e
+    if extra_columns and {"id", "label"} <= set(df.columns):
+        df = df[list(SUBMISSION_COLUMNS)]
+    if list(df.columns) != list(SUBMISSION_COLUMNS):
+        raise SubmissionError(f"{path}: columns must be exactly id,label; got {list(df.columns)}")
+    _index(df, str(path))
+    _labels(df, str(path))
+    return df.assign(label=df["label"].astype(np.float64))
+
+
+def write_submission(sub: pd.DataFrame, path: str | os.PathLike[str], test_df: pd.DataFrame | None = None) -> None:
+    """Write ``sub`` atomically (temporary file, then rename), validating it first when ``test_df``
+    is given. Floats are written with full precision: repaired values just above 0.5
+    (``np.nextafter(0.5, 1)``) must survive the round trip."""
+    if test_df is not None:
+        validate(sub, test_df)
+    write_csv_atomic(sub[list(SUBMISSION_COLUMNS)], path)

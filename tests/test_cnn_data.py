@@ -1,0 +1,114 @@
+"""2.5D data: neighbour stacking, augmentation alignment, dataset == preprocess_study, DDP sampler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pe.cache import load_boxes, load_index, load_study_images
+from pe.cnn import CNNConfig, preprocess_study
+from pe.data import (
+    EpochBatchSampler,
+    SliceDataset,
+    build_augment,
+    build_slice_table,
+    epoch_plan,
+    stack_neighbors,
+    write_synthetic_cache,
+)
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_synthetic_cache(tmp_path_factory.mktemp("fake"), n_studies=4, min_slices=5, max_slices=8, size=96)
+
+
+def test_stack_neighbors_repeats_edges() -> None:
+    images = np.stack([np.full((4, 4, 3), k, np.uint8) for k in range(5)])
+    assert stack_neighbors(images, 0, 2)[0, 0].tolist() == [0] * 9 + [1] * 3 + [2] * 3
+    assert stack_neighbors(images, 4, 1)[0, 0].tolist() == [3] * 3 + [4] * 6
+    assert stack_neighbors(images, 2, 0).shape == (4, 4, 3)
+
+
+def test_augmentation_keeps_stacked_slices_aligned() -> None:
+    """A marker pixel at the same place in every stacked slice stays at one common place."""
+    cfg = CNNConfig(neighbors=2, aug_affine_p=1.0, aug_rotate=30, aug_shift=0.2, aug_scale=0.2,
+                    aug_brightness_p=1.0, aug_cutout_p=0.0)
+    aug = build_augment(cfg)
+    n_ch = 3 * (2 * cfg.neighbors + 1)
+    img = np.zeros((64, 64, n_ch), np.uint8)
+    img[20, 40, :] = np.arange(100, 100 + 10 * n_ch, 10)  # distinct value per channel
+    moved = 0
+    for seed in range(8):
+        aug.set_random_seed(seed)
+        out = aug(image=img)["image"]
+        peaks = {np.unravel_index(np.argmax(out[..., c]), out.shape[:2]) for c in range(n_ch)}
+        assert len(peaks) == 1, f"seed {seed}: channels disagree on the marker: {peaks}"
+        moved += peaks != {(20, 40)}
+    assert moved >= 6  # the transform really moves things
+
+    cut = build_augment(CNNConfig(neighbors=1, aug_affine_p=0, aug_brightness_p=0, aug_cutout_p=1.0))
+    cut.set_random_seed(3)
+    holes = cut(image=np.full((64, 64, 9), 200, np.uint8))["image"] == 0
+    assert holes.any() and (holes == holes[..., :1]).all()  # the same hole in every channel
+
+
+def test_dataset_matches_preprocess_study(fake: dict[str, Path]) -> None:
+    """Training input without augmentation == the kernel's preprocess_study of the whole study."""
+    cfg = CNNConfig(img_size=48, neighbors=1, crop_lung=True)
+    meta = pd.read_parquet(fake["meta"])
+    index, boxes = load_index(fake["cache"]), load_boxes(fake["cache"])
+    table = build_slice_table(meta, index, boxes, fake["cache"])
+    ds = SliceDataset(table, cfg)
+    study = table.studies[1]
+    images = load_study_images(fake["cache"], study, index)
+    b = boxes.set_index("StudyInstanceUID").loc[study]
+    x = preprocess_study(images, cfg, (b.x0, b.y0, b.x1, b.y1))
+    assert x.shape == (len(images), 9, 48, 48)
+    rows = np.flatnonzero(table.sample_study == 1)
+    assert len(rows) == len(images)
+    for i in rows:
+        item = ds[int(i)]
+        np.testing.assert_array_equal(item["image"].numpy(), x[table.sample_slice[i]].numpy())
+        assert item["label"].item() == meta.set_index("SOPInstanceUID").loc[table.sample_sop[i], "pe_present_on_image"]
+    # The crop matters: without it the input differs.
+    x_full = preprocess_study(images, CNNConfig(img_size=48, neighbors=1, crop_lung=False))
+    assert not np.allclose(x_full.numpy(), x.numpy())
+
+
+def test_slice_table_rejects_gaps(fake: dict[str, Path]) -> None:
+    index = load_index(fake["cache"])
+    broken = index.drop(index.index[2])
+    with pytest.raises(ValueError, match="not 0..n-1"):
+        build_slice_table(pd.read_parquet(fake["meta"]), broken, None, fake["cache"])
+
+
+def test_epoch_plan_sampling() -> None:
+    labels = np.array([1] * 10 + [0] * 90)
+    plan = epoch_plan(labels, epoch=0, seed=1, pos_oversample=2.5, neg_frac=0.2)
+    assert (labels[plan] == 1).sum() == 25 and (labels[plan] == 0).sum() == 18
+    assert len(set(plan[labels[plan] == 0])) == 18  # negatives without repeats
+    other = epoch_plan(labels, epoch=1, seed=1, pos_oversample=2.5, neg_frac=0.2)
+    assert set(plan[labels[plan] == 0]) != set(other[labels[other] == 0])  # fresh negatives per epoch
+    np.testing.assert_array_equal(plan, epoch_plan(labels, 0, 1, 2.5, 0.2))
+
+
+@pytest.mark.parametrize("n", [101, 96, 37])
+def test_sampler_shards_each_sample_once_with_equal_batch_counts(n: int) -> None:
+    labels = (np.arange(n) % 7 == 0).astype(float)
+    world, bs = 3, 8
+    samplers = [EpochBatchSampler(labels, bs, seed=5, rank=r, world_size=world) for r in range(world)]
+    for s in samplers:
+        s.set_epoch(2)
+    per_rank = [[i for batch in s for i, _ in batch] for s in samplers]
+    assert len({len(list(iter(s))) for s in samplers}) == 1  # same number of batches on every rank
+    seen = sorted(i for r in per_rank for i in r)
+    assert seen == sorted(samplers[0].planned_samples().tolist())
+    assert len(seen) == len(set(seen)) and n - len(seen) < 2 * world  # at most a tiny tail dropped
+    # Resume: skipping the first 2 batches yields exactly the rest, with the same augmentation seeds.
+    full = list(samplers[0])
+    samplers[0].set_epoch(2, start_batch=2)
+    assert list(samplers[0]) == full[2:] and len(samplers[0]) == len(full) - 2

@@ -1,0 +1,193 @@
+"""The offline Kaggle kernel (pe/inference.py, kernels/): parity with the offline pipeline on the
+phantom, the time-budget fallback, model discovery and the Kaggle upload folders.
+
+One session fixture trains the whole chain on the shared small phantom, kept tiny: 2 folds, one
+CNN epoch of timm's ``test_efficientnet`` at 64 px, two sequence experiments of 2 epochs each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pe import ensemble, inference, paths
+from pe.hierarchy import RULE_IDS, check_long
+from pe.submission import read_submission, validate
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL = REPO / "kernels" / "rsna-pe-inference" / "inference.py"
+MAKE_DATASET = REPO / "kernels" / "make_kaggle_dataset.py"
+CNN_EXP, SEQ_EXPS, ENS = "cnn_k", ("seq_k_gru", "seq_k_lstm"), "ens_k"
+
+
+@pytest.fixture(scope="session")
+def chain(phantom_dir: Path, phantom_meta: dict[str, Path], phantom_cache: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """make_phantom → parse_metadata → cache → folds → CNN → embeddings → 2 sequence models → ensemble,
+    all under a temporary root (the env vars are set only while building)."""
+    import torch
+
+    from pe.cnn import CNNConfig
+    from pe.embeddings import export_embeddings
+    from pe.folds import make_folds
+    from pe.sequence import SeqConfig
+    from pe.sequence import train_fold as train_seq
+    from pe.train_cnn import train_fold as train_cnn
+
+    root = tmp_path_factory.mktemp("chain")
+    env = {"PE_DATA_DIR": phantom_dir, "PE_WORK_DIR": root / "work", "PE_OOF_DIR": root / "oof",
+           "PE_SUBMISSIONS_DIR": root / "submissions", "PE_REPORTS_DIR": root / "reports"}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, str(v))
+        for split in ("train", "test"):
+            paths.meta_path(split).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(phantom_meta[split], paths.meta_path(split))
+        make_folds(pd.read_parquet(paths.meta_path("train")), n_folds=2, seed=0).to_csv(paths.folds_path(), index=False)
+        cnn_cfg = CNNConfig(name=CNN_EXP, cache_dir=str(phantom_cache), cache_size=128, img_size=128, neighbors=1,
+                            crop_lung=True, backbone="test_efficientnet", epochs=1, batch_size=16, val_batch_size=32,
+                            num_workers=0, progress=False, threads=1, aug=False, amp=False, channels_last=False,
+                            warmup_epochs=0.0, lr=1e-3)
+        for k in (0, 1):
+            train_cnn(cnn_cfg, k)
+        for split in ("train", "test"):
+            export_embeddings(CNN_EXP, split, device="cpu")
+        for name, rnn in zip(SEQ_EXPS, ("gru", "lstm"), strict=True):
+            seq_cfg = SeqConfig(name=name, cnn_exp=CNN_EXP, rnn=rnn, layers=1, hidden=16, attn_dim=8, epochs=2,
+                                batch_size=4, device="cpu", num_threads=1, progress=False, patience=2)
+            for k in (0, 1):
+                train_seq(seq_cfg, k)
+        stages = ensemble.run_ensemble(list(SEQ_EXPS), ENS, phantom_dir / "train.csv")
+    torch.set_num_threads(threads)
+    return {"root": root, "data": phantom_dir, "models": root / "work" / "models",
+            "weights": root / "oof" / ENS / "weights.json", "ens_test": root / "oof" / ENS / "test.csv",
+            "stages": stages, "env": env}  # type: ignore[dict-item]
+
+
+def _kernel_cfg(chain: dict, tmp_path: Path, **kw) -> inference.InferenceConfig:
+    base = dict(data_dir=chain["data"], models=[chain["models"]], out=tmp_path / "submission.csv",
+                weights=chain["weights"], raw_out=tmp_path / "raw.csv", workers=0, progress=False,
+                work_dir=tmp_path / "kwork", device="cpu")
+    base.update(kw)
+    return inference.InferenceConfig(**base)
+
+
+def _aligned(a: Path, b: Path) -> tuple[np.ndarray, np.ndarray]:
+    x = pd.read_csv(a, dtype={"id": str}).set_index("id")["label"]
+    y = pd.read_csv(b, dtype={"id": str}).set_index("id")["label"]
+    assert set(x.index) == set(y.index)
+    return x.to_numpy(), y.reindex(x.index).to_numpy()
+
+
+def _assert_valid_and_consistent(sub_path: Path, data: Path) -> None:
+    test_df = pd.read_csv(data / "test.csv", dtype=str)
+    sub = read_submission(sub_path)
+    validate(sub, test_df)
+    assert not check_long(sub, test_df)[list(RULE_IDS)].to_numpy().any()
+
+
+def test_stage_table_of_the_chain(chain: dict) -> None:
+    rows = {r["stage"]: r["oof_metric"] for r in chain["stages"]["rows"]}
+    assert np.isfinite(rows["CNN max-aggregation"])  # found the CNN's OOF through the members' config
+    assert all(np.isfinite(rows[f"member {s}"]) for s in SEQ_EXPS)
+    assert rows["ensemble + repair"] == pytest.approx(rows["ensemble + repair"])
+
+
+def test_kernel_from_built_dataset_matches_offline_test_predictions(chain: dict, tmp_path: Path) -> None:
+    """Parity: the kernel, run as Kaggle runs it (from the code dataset that make_kaggle_dataset builds,
+    in a fresh process with a decoding worker pool), reproduces the offline pipeline's blended test
+    predictions (cache JPEGs → export → sequence → 07) when the JPEG round trip is on."""
+    env = {**os.environ, **{k: str(v) for k, v in chain["env"].items()}}
+    build = tmp_path / "build"
+    subprocess.run([sys.executable, str(MAKE_DATASET), "--out", str(build), "--ensemble", ENS, "--user", "someone"],
+                   check=True, env=env, capture_output=True, text=True)
+    script = build / "rsna-pe-src" / "kernels" / "rsna-pe-inference" / "inference.py"
+    models = build / "rsna-pe-models"
+    out, raw = tmp_path / "submission.csv", tmp_path / "raw.csv"
+    env.pop("PE_SRC", None)
+    proc = subprocess.run([sys.executable, str(script), "--data-dir", str(chain["data"]), "--models", str(models),
+                           "--out", str(out), "--raw-out", str(raw), "--workers", "1", "--device", "cpu",
+                           "--no-progress"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"pe package: {build / 'rsna-pe-src' / 'src'}" in proc.stdout
+    got, want = _aligned(raw, chain["ens_test"])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    _assert_valid_and_consistent(out, chain["data"])
+
+
+def test_kernel_without_jpeg_roundtrip_stays_within_jpeg_tolerance(chain: dict, tmp_path: Path) -> None:
+    summary = inference.run_inference(_kernel_cfg(chain, tmp_path, jpeg_roundtrip=False))
+    got, want = _aligned(tmp_path / "raw.csv", chain["ens_test"])
+    diff = np.abs(got - want)
+    assert diff.max() < 0.1 and diff.mean() < 0.02, (diff.max(), diff.mean())
+    assert summary["fallback_level"] == 0
+    _assert_valid_and_consistent(tmp_path / "submission.csv", chain["data"])
+
+
+def test_tiny_budget_falls_back_to_one_fold_and_still_submits(chain: dict, tmp_path: Path) -> None:
+    summary = inference.run_inference(_kernel_cfg(chain, tmp_path, budget_hours=1e-7, probe_studies=1))
+    used = list(summary["folds_used_per_study"].values())
+    assert used[0] == 2 and set(used[1:]) == {1} and summary["fallback_level"] == 1
+    _assert_valid_and_consistent(tmp_path / "submission.csv", chain["data"])
+
+
+def test_fold_levels_halve_then_one() -> None:
+    assert inference.fold_levels([0, 1, 2, 3, 4]) == [[0, 1, 2, 3, 4], [0, 1, 2], [0]]
+    assert inference.fold_levels([0, 1]) == [[0, 1], [0]]
+    assert inference.fold_levels([-1]) == [[-1]]
+
+
+def test_discover_models_pairs_folds_and_names_missing_pieces(chain: dict, tmp_path: Path) -> None:
+    plan = inference.discover_models([chain["models"]], chain["weights"])
+    assert plan.folds == [0, 1] and set(plan.seq) == set(SEQ_EXPS) and set(plan.cnn) == {CNN_EXP}
+    only_gru = tmp_path / "m"
+    shutil.copytree(chain["models"] / CNN_EXP, only_gru / CNN_EXP)
+    shutil.copytree(chain["models"] / SEQ_EXPS[0], only_gru / SEQ_EXPS[0])
+    with pytest.raises(inference.InferenceError, match=SEQ_EXPS[1]):
+        inference.discover_models([only_gru], chain["weights"])
+    plan = inference.discover_models([only_gru])  # without weights.json: the members found, equal weights
+    assert list(plan.seq) == [SEQ_EXPS[0]] and plan.spec["groups"]["image"]["source"] == "equal"
+    shutil.rmtree(only_gru / CNN_EXP / "fold1")
+    assert inference.discover_models([only_gru]).folds == [0]
+    with pytest.raises(inference.InferenceError, match="not found"):
+        inference.discover_models([tmp_path / "nowhere"])
+
+
+def test_make_kaggle_dataset_writes_metadata(chain: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in chain["env"].items():
+        monkeypatch.setenv(k, str(v))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_kaggle_dataset", MAKE_DATASET)
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    assert mod.main(["--out", str(tmp_path), "--ensemble", ENS, "--user", "alice", "--folds", "0"]) == 0
+    code = json.loads((tmp_path / "rsna-pe-src" / "dataset-metadata.json").read_text())
+    assert code["id"] == "alice/rsna-pe-src" and code["title"] and code["licenses"]
+    assert (tmp_path / "rsna-pe-src" / "src" / "pe" / "inference.py").read_text() == \
+        (REPO / "src" / "pe" / "inference.py").read_text()
+    models = tmp_path / "rsna-pe-models"
+    assert json.loads((models / "dataset-metadata.json").read_text())["id"] == "alice/rsna-pe-models"
+    runs = sorted(str(p.parent.relative_to(models)) for p in models.glob("*/fold*/best.pt"))
+    assert runs == sorted(f"{e}/fold0" for e in (CNN_EXP, *SEQ_EXPS))
+    assert all((models / r / "config.yaml").is_file() for r in runs)
+    assert (models / "weights.json").read_text() == chain["weights"].read_text()
+    kmeta = json.loads((tmp_path / "rsna-pe-inference" / "kernel-metadata.json").read_text())
+    assert kmeta["id"] == "alice/rsna-pe-inference" and kmeta["language"] == "python"
+    assert kmeta["enable_gpu"] is True and kmeta["enable_internet"] is False
+    assert kmeta["competition_sources"] == ["rsna-str-pulmonary-embolism-detection"]
+    assert set(kmeta["dataset_sources"]) == {"alice/rsna-pe-src", "alice/rsna-pe-models"}
+    assert (tmp_path / "rsna-pe-inference" / kmeta["code_file"]).is_file()
+    nb = json.loads((tmp_path / "rsna-pe-inference" / kmeta["code_file"]).read_text())
+    assert any("inference.py" in "".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")

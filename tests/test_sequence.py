@@ -1,0 +1,302 @@
+"""Stage 2 sequence model: padding invariance, the loss is the metric, it learns a planted signal,
+checkpoints round-trip for the kernel, and the fold script writes what CONTRACTS.md promises."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pe import paths
+from pe.baselines import max_aggregation_predictions
+from pe.metric import prior_predictions, score
+from pe.rspect import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY
+from pe.sequence import (
+    SeqConfig,
+    SeqModel,
+    StudySeq,
+    collate,
+    fit,
+    input_dim,
+    load_seq_model,
+    metric_from_logits,
+    predict_items,
+    predict_study,
+    predictions_long,
+    save_checkpoint,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+E = {k: i for i, k in enumerate(EXAM_LABELS)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def synthetic_studies(n: int, dim: int = 16, seed: int = 0, min_len: int = 12, max_len: int = 40,
+                      prefix: str = "s") -> list[StudySeq]:
+    """Embedding sequences with a planted signal.
+
+    A positive exam has a contiguous run of slices carrying direction ``u`` (their image label is 1);
+    its location is central when the run is in the middle third, else right or left by the sign of
+    direction ``v`` on the run; rv_lv_ratio_gte_1 when direction ``w`` is present on every slice;
+    chronicity from direction ``c``. Negative exams are indeterminate when ``w`` is strongly negative
+    everywhere. Labels obey the RSPECT hierarchy. The CNN probability is a noisy view of ``u``.
+    """
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(np.random.default_rng(1234).normal(size=(dim, dim)))[0]
+    u, v, w, c = basis[:, 0], basis[:, 1], basis[:, 2], basis[:, 3]
+    items = []
+    for i in range(n):
+        length = int(rng.integers(min_len, max_len + 1))
+        emb = rng.normal(0, 1, size=(length, dim))
+        y_img = np.zeros(length, np.float32)
+        y = np.zeros(len(EXAM_LABELS), np.float32)
+        positive = rng.random() < 0.5
+        if positive:
+            run = int(rng.integers(2, max(3, length // 3)))
+            start = int(rng.integers(0, length - run + 1))
+            y_img[start : start + run] = 1
+            emb[start : start + run] += 3.0 * u
+            side = 1.0 if rng.random() < 0.5 else -1.0
+            emb[start : start + run] += 2.0 * side * v
+            mid = start + run / 2
+            if length / 3 <= mid <= 2 * length / 3:
+                y[E["central_pe"]] = 1
+            y[E["rightsided_pe"] if side > 0 else E["leftsided_pe"]] = 1
+            if rng.random() < 0.5:
+                emb += 1.5 * w
+                y[E["rv_lv_ratio_gte_1"]] = 1
+            else:
+                y[E["rv_lv_ratio_lt_1"]] = 1
+            r = rng.random()
+            if r < 0.25:
+                emb += 1.5 * c
+                y[E["chronic_pe"]] = 1
+            elif r < 0.4:
+                emb -= 1.5 * c
+                y[E["acute_and_chronic_pe"]] = 1
+        else:
+            if rng.random() < 0.2:
+                emb -= 2.0 * w
+                y[E["indeterminate"]] = 1
+            else:
+                y[E["negative_exam_for_pe"]] = 1
+        probs = 1 / (1 + np.exp(-(2.0 * (emb @ u) - 3.0 + rng.normal(0, 1.0, length))))
+        sops = np.array([f"{prefix}{i:03d}_{k:04d}" for k in range(length)])
+        items.append(StudySeq(f"{prefix}{i:03d}", sops, emb.astype(np.float16), probs.astype(np.float32),
+                              y_img, y))
+    return items
+
+
+def truth_frame(items: list[StudySeq]) -> pd.DataFrame:
+    """train.csv-shaped truth for synthetic studies."""
+    rows = []
+    for it in items:
+        df = pd.DataFrame({STUDY: it.study, "SeriesInstanceUID": it.study + "_series", SOP: it.sops,
+                           IMAGE_LABEL: it.image_labels})
+        for j, label in enumerate(EXAM_LABELS):
+            df[label] = it.exam_labels[j]
+        rows.append(df)
+    return pd.concat(rows, ignore_index=True)
+
+
+SMALL = SeqConfig(name="seq_test", layers=1, hidden=16, attn_dim=8, epochs=12, batch_size=8, patience=12, lr=5e-3,
+                  dropout=0.1, input_dropout=0.0, progress=False)
+
+
+@pytest.mark.parametrize("rnn,layers", [("gru", 2), ("lstm", 1), ("lstm", 2)])
+def test_padding_does_not_change_outputs(rnn: str, layers: int) -> None:
+    cfg = dataclasses.replace(SMALL, rnn=rnn, layers=layers)
+    items = synthetic_studies(3, seed=1, min_len=12, max_len=30)
+    it0 = items[0]
+    items[0] = dataclasses.replace(it0, emb=it0.emb[:7], probs=it0.probs[:7], sops=it0.sops[:7],
+                                   image_labels=it0.image_labels[:7])
+    torch.manual_seed(0)
+    model = SeqModel(input_dim(16, cfg), cfg).eval()
+    alone = collate([items[0]], cfg)
+    padded = collate([items[1], items[0], items[2]], cfg)
+    assert padded["x"].shape[1] > 7
+    with torch.no_grad():
+        a = model(alone["x"], alone["mask"])
+        p = model(padded["x"], padded["mask"])
+        # garbage in the padded positions must not matter either
+        x_noise = padded["x"].clone()
+        x_noise[~padded["mask"]] = float("nan")
+        pn = model(x_noise, padded["mask"])
+    for out in (p, pn):
+        torch.testing.assert_close(out["image_logits"][1, :7], a["image_logits"][0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(out["exam_logits"][1], a["exam_logits"][0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(out["attention"][1, :7], a["attention"][0], atol=1e-6, rtol=0)
+        assert float(out["attention"][1, 7:].abs().sum()) == 0.0
+    # and predict_study (what the kernel calls) gives the same as the batch
+    ip, ep = predict_study(model, cfg, items[0].emb, items[0].probs)
+    np.testing.assert_allclose(ip, torch.sigmoid(p["image_logits"][1, :7]).numpy(), atol=1e-6)
+    np.testing.assert_allclose(ep, torch.sigmoid(p["exam_logits"][1]).numpy(), atol=1e-6)
+
+
+def test_loss_equals_numpy_metric_float64() -> None:
+    items = synthetic_studies(7, seed=2)
+    rng = np.random.default_rng(3)
+    image_logits = [rng.normal(0, 2, len(it.sops)) for it in items]
+    exam_logits = rng.normal(0, 2, (len(items), len(EXAM_LABELS)))
+    expected = score(predictions_long(items, image_logits, exam_logits), truth_frame(items))
+    # the padded-batch loss used in training, in float64
+    batch = collate(items, SMALL)
+    il = torch.zeros(batch["mask"].shape, dtype=torch.float64)
+    for i, x in enumerate(image_logits):
+        il[i, : len(x)] = torch.from_numpy(x)
+    il[~batch["mask"]] = 50.0  # padding logits are ignored
+    from pe.metric import torch_metric_loss
+
+    got = torch_metric_loss(il, batch["image_targets"].double(), batch["mask"], torch.from_numpy(exam_logits),
+                            batch["exam_targets"].double())
+    assert got.dtype == torch.float64
+    assert abs(float(got) - expected) < 1e-6
+    assert abs(metric_from_logits(items, image_logits, exam_logits) - expected) < 1e-6
+    assert 0.3 < expected < 5  # a real, non-degenerate loss value
+
+
+def test_learns_planted_signal_and_beats_baselines() -> None:
+    train = synthetic_studies(64, seed=10)
+    val = synthetic_studies(32, seed=11, prefix="v")
+    model, info = fit(SMALL, train, val)
+    il, el = predict_items(model, val, SMALL, torch.device("cpu"))
+    pred = predictions_long(val, il, el)
+    truth, train_truth = truth_frame(val), truth_frame(train)
+    seq = score(pred, truth)
+    assert abs(seq - info["best_val"]) < 1e-6
+    prior = score(prior_predictions(train_truth, truth[[STUDY, SOP]]), truth)
+    index = pd.DataFrame({STUDY: np.repeat([it.study for it in val], [len(it.sops) for it in val]),
+                          SOP: np.concatenate([it.sops for it in val]),
+                          "prob": np.concatenate([it.probs for it in val])})
+    maxagg = score(max_aggregation_predictions(index, train_truth), truth)
+    assert seq < 0.6 * prior, (seq, prior)
+    assert seq < maxagg, (seq, maxagg)
+
+
+def test_training_is_deterministic() -> None:
+    train = synthetic_studies(16, seed=20)
+    val = synthetic_studies(8, seed=21, prefix="v")
+    cfg = dataclasses.replace(SMALL, epochs=2)
+    _, a = fit(cfg, train, val)
+    _, b = fit(cfg, train, val)
+    assert a == b
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(SMALL, rnn="lstm", layers=2, use_diff=False)
+    items = synthetic_studies(4, seed=5)
+    model = SeqModel(input_dim(16, cfg), cfg).eval()
+    model.set_input_stats(np.full(input_dim(16, cfg), 0.5), np.full(input_dim(16, cfg), 2.0))
+    save_checkpoint(tmp_path / "best.pt", model, cfg, epoch=3, val_metric=0.25)
+    loaded, lcfg = load_seq_model(tmp_path / "best.pt", "cpu")
+    assert lcfg == cfg
+    for it in items:
+        a = predict_study(model, cfg, it.emb, it.probs)
+        b = predict_study(loaded, lcfg, it.emb, it.probs)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+        assert a[0].shape == (len(it.sops),) and a[1].shape == (len(EXAM_LABELS),)
+    with pytest.raises(ValueError, match="channels"):
+        predict_study(loaded, lcfg, items[0].emb[:, :8], items[0].probs)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_seq_model(tmp_path / "missing.pt")
+
+
+# ------------------------------------------------------------------------------------------------
+# the fold script on a synthetic embeddings tree
+
+
+def _write_embeddings(cnn_exp: str, fold: int, split: str, items: list[StudySeq]) -> None:
+    d = paths.embeddings_dir(cnn_exp, fold, split)
+    d.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for it in items:
+        np.save(d / f"{it.study}.npy", it.emb)
+        rows.append(pd.DataFrame({STUDY: it.study, SOP: it.sops, "slice_index": np.arange(len(it.sops)),
+                                  "prob": it.probs}))
+    pd.concat(rows).to_parquet(d / "index.parquet", index=False)
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name.replace(".py", ""), ROOT / "src" / name)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+@pytest.fixture()
+def synthetic_tree() -> dict[int, list[StudySeq]]:
+    """work/embeddings/synth/fold{0,1,2}/{train,test}, work/meta/train.parquet, work/folds.csv."""
+    per_fold = {k: synthetic_studies(12, seed=30 + k, prefix=f"f{k}_") for k in range(3)}
+    test = synthetic_studies(5, seed=40, prefix="t")
+    for k, items in per_fold.items():
+        _write_embeddings("synth", k, "train", items)
+        _write_embeddings("synth", k, "test", test)
+    everything = [it for items in per_fold.values() for it in items]
+    paths.meta_path("train").parent.mkdir(parents=True, exist_ok=True)
+    truth_frame(everything).to_parquet(paths.meta_path("train"), index=False)
+    pd.DataFrame({STUDY: [it.study for it in everything],
+                  "fold": [k for k, items in per_fold.items() for _ in items]}).to_csv(paths.folds_path(), index=False)
+    return per_fold
+
+
+def test_fold_script_writes_contract_outputs(synthetic_tree: dict[int, list[StudySeq]], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    cfg_path = tmp_path / "seq_synth.yaml"
+    cfg_path.write_text("name: seq_synth\ncnn_exp: synth\nhidden: 16\nattn_dim: 8\nepochs: 3\n"
+                        "batch_size: 8\nprogress: false\ndevice: cpu\n")
+    script = _load_script("06_train_sequence.py")
+    for k in range(3):
+        assert script.main(["--config", str(cfg_path), "--fold", str(k), "layers=1"]) == 0
+        run = paths.run_dir("seq_synth", k)
+        assert {"config.yaml", "metrics.jsonl", "best.pt"} <= {p.name for p in run.iterdir()}
+        assert "layers: 1" in (run / "config.yaml").read_text()
+        val = synthetic_tree[k]
+        oof = pd.read_csv(paths.exp_oof_dir("seq_synth") / f"fold{k}.csv")
+        expected_ids = set(np.concatenate([it.sops for it in val])) | {
+            f"{it.study}_{label}" for it in val for label in EXAM_LABELS}
+        assert set(oof["id"]) == expected_ids and len(oof) == len(expected_ids)
+        assert oof["label"].between(0, 1).all()
+        test = pd.read_csv(paths.exp_oof_dir("seq_synth") / f"test_fold{k}.csv")
+        test_items = synthetic_studies(5, seed=40, prefix="t")
+        assert set(test["id"]) == set(np.concatenate([it.sops for it in test_items])) | {
+            f"{it.study}_{label}" for it in test_items for label in EXAM_LABELS}
+    out = capsys.readouterr().out
+    assert "folds [0, 1, 2]" in out and "max aggregation" in out and "hierarchy repair" in out
+    import json
+
+    summary = json.loads((paths.exp_oof_dir("seq_synth") / "summary.json").read_text())
+    assert summary["n_studies"] == 36
+    for key in ("prior", "max_aggregation", "sequence_raw", "sequence_repaired"):
+        assert 0 < summary[key] < 3
+    # the loaded fold model reproduces the OOF file through the kernel API
+    model, cfg = load_seq_model(paths.run_dir("seq_synth", 2) / "best.pt")
+    it = synthetic_tree[2][0]
+    ip, ep = predict_study(model, cfg, it.emb, it.probs)
+    oof = pd.read_csv(paths.exp_oof_dir("seq_synth") / "fold2.csv").set_index("id")["label"]
+    np.testing.assert_allclose(ip, oof.loc[it.sops].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(ep, oof.loc[[f"{it.study}_{lab}" for lab in EXAM_LABELS]].to_numpy(), atol=1e-6)
+
+
+def test_leaking_embeddings_are_rejected(synthetic_tree: dict[int, list[StudySeq]]) -> None:
+    from pe.sequence import load_fold_data, load_train_labels
+
+    # fold 1's folder also holds a fold-0 study: a study must appear exactly once across folds
+    _write_embeddings("synth", 1, "train", synthetic_tree[1] + synthetic_tree[0][:1])
+    cfg = dataclasses.replace(SMALL, cnn_exp="synth")
+    with pytest.raises(ValueError, match="folds 0 and 1"):
+        load_fold_data(cfg, 2, load_train_labels())
+    # folders swapped against folds.csv: the guard names the leak
+    _write_embeddings("synth", 1, "train", synthetic_tree[2])
+    _write_embeddings("synth", 2, "train", synthetic_tree[1])
+    with pytest.raises(ValueError, match="leak"):
+        load_fold_data(cfg, 0, load_train_labels())
