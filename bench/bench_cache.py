@@ -54,13 +54,14 @@ def make_files(root: Path, n: int, study_slices: int, seed: int = 0) -> pd.DataF
     prefix = raw[: len(raw) - nbytes]
     base = ds.pixel_array.astype(np.int32)
     rng = np.random.default_rng(seed)
+    noise = rng.normal(0, 12, (4, *base.shape)).astype(np.int32)  # CT quantum noise, ~12 HU
     rows = []
     for i in range(n):
         study, k = divmod(i, study_slices)
         img = np.roll(base, (int(rng.integers(-40, 40)), int(rng.integers(-40, 40))), axis=(0, 1))
         if rng.random() < 0.5:
             img = img[:, ::-1]
-        img = img + rng.normal(0, 12, img.shape).astype(np.int32)  # CT quantum noise, ~12 HU
+        img = img + np.roll(noise[i % 4], int(rng.integers(0, 512)), axis=int(rng.integers(0, 2)))
         uid = f"1.2.826.0.1.3680043.8.498.77.{study + 1}"
         path = root / uid / f"{k:04d}.dcm"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@ against test.csv and write atomically.
 
 Reads  --pred PRED.csv (id,label, submission-shaped, possibly inconsistent) and --test TEST.csv
        (StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID).
-Writes --out SUB.csv (id,label; rows in the order of PRED). Prints how many exams broke each rule
+Writes --out SUB.csv (id,label: the images in test.csv order, then 9 rows per study). Prints how many exams broke each rule
 (each of them was changed), the flips between positive and negative, and the expected-loss cost
 of the repair (pe.hierarchy.repair). Exit status 2 with the reason on malformed input.
 """
@@ -41,21 +41,18 @@ def main(argv: list[str] | None = None) -> int:
         test = read_test(args.test)
         pred = submission.read_submission(args.pred)
         try:
-            fixed, report = hierarchy.repair_long(pred, test)
-        except ValueError as e:
-            raise submission.SubmissionError(f"{args.pred}: {e}") from e
-        try:
-            submission.validate(fixed, test)
+            image_df, exam_df = submission.from_long(pred, test)
         except submission.SubmissionError as e:
             raise submission.SubmissionError(f"{args.pred}: {e}") from e
     except submission.SubmissionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = hierarchy.summarize_repair(report)
-    print(hierarchy.format_repair_summary(summary))
-    after = hierarchy.check_long(fixed, test)
-    assert not after.drop(columns=[STUDY]).to_numpy().any(), "repair left a broken rule"
-    submission.write_submission(fixed, args.out)
+    image_df, exam_df, report = hierarchy.repair(image_df, exam_df)
+    print(hierarchy.format_repair_summary(hierarchy.summarize_repair(report)))
+    broken = hierarchy.check(image_df, exam_df).drop(columns=[STUDY]).to_numpy()
+    assert not broken.any(), "repair left a broken rule"  # guaranteed by construction and tested
+    fixed = submission.to_long(image_df, exam_df)
+    submission.write_submission(fixed, args.out, test)  # validates against test.csv first
     print(f"wrote {args.out}: {len(fixed)} rows ({len(test)} images, {test[STUDY].nunique()} studies)")
     return 0
 

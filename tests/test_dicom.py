@@ -102,3 +102,23 @@ def test_fastest_decoder_is_tried_first() -> None:
     assert _plugins_for(RLELossless)[0] == "pylibjpeg"  # pylibjpeg-rle: ~6x pydicom's native RLE
     assert _plugins_for(JPEGLosslessSV1)[0] == "gdcm"
     assert _plugins_for(MPEG2MPML) == []
+
+
+def test_phantom_compressed_files_equal_their_uncompressed_twins(tmp_path: Path) -> None:
+    """Every syntax the phantom writes (JPEG Lossless by GDCM, RLE, JPEG 2000, implicit VR) decodes to
+    exactly the HU of the same phantom written uncompressed."""
+    import pandas as pd
+
+    from pe.phantom import make_phantom
+
+    kw = dict(train_studies=6, test_studies=0, seed=5, size=64, min_slices=4, max_slices=5)
+    make_phantom(tmp_path / "c", **kw)
+    make_phantom(tmp_path / "u", compress=False, **kw)
+    files = sorted((tmp_path / "c" / "train").rglob("*.dcm"))
+    syntaxes = {read_header(p)["transfer_syntax"] for p in files}
+    assert {RLELossless, JPEG2000Lossless, "1.2.840.10008.1.2.4.70"} <= syntaxes, syntaxes
+    for p in files:
+        twin = tmp_path / "u" / p.relative_to(tmp_path / "c")
+        assert read_header(twin)["transfer_syntax"] in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+        assert np.array_equal(read_hu(p), read_hu(twin)), p
+    assert pd.read_csv(tmp_path / "c" / "train.csv").shape[0] == len(files)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pe import ensemble, inference, paths
+from pe import ensemble, inference, paths, rspect
 from pe.hierarchy import RULE_IDS, check_long
 from pe.submission import read_submission, validate
 
@@ -54,7 +54,7 @@ def chain(phantom_dir: Path, phantom_meta: dict[str, Path], phantom_cache: Path,
             paths.meta_path(split).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(phantom_meta[split], paths.meta_path(split))
         make_folds(pd.read_parquet(paths.meta_path("train")), n_folds=2, seed=0).to_csv(paths.folds_path(), index=False)
-        cnn_cfg = CNNConfig(name=CNN_EXP, cache_dir=str(phantom_cache), cache_size=128, img_size=128, neighbors=1,
+        cnn_cfg = CNNConfig(name=CNN_EXP, cache_dir=str(phantom_cache), cache_size=128, img_size=96, neighbors=1,
                             crop_lung=True, backbone="test_efficientnet", epochs=1, batch_size=16, val_batch_size=32,
                             num_workers=0, progress=False, threads=1, aug=False, amp=False, channels_last=False,
                             warmup_epochs=0.0, lr=1e-3)
@@ -129,7 +129,8 @@ def test_kernel_without_jpeg_roundtrip_stays_within_jpeg_tolerance(chain: dict, 
     summary = inference.run_inference(_kernel_cfg(chain, tmp_path, jpeg_roundtrip=False))
     got, want = _aligned(tmp_path / "raw.csv", chain["ens_test"])
     diff = np.abs(got - want)
-    assert diff.max() < 0.1 and diff.mean() < 0.02, (diff.max(), diff.mean())
+    # q95 4:4:4 JPEG moves pixels by a few grey levels: a visible but small change of the outputs.
+    assert 0 < diff.max() < 0.05 and diff.mean() < 0.01, (diff.max(), diff.mean())
     assert summary["fallback_level"] == 0
     _assert_valid_and_consistent(tmp_path / "submission.csv", chain["data"])
 
@@ -191,3 +192,27 @@ def test_make_kaggle_dataset_writes_metadata(chain: dict, tmp_path: Path, monkey
     assert (tmp_path / "rsna-pe-inference" / kmeta["code_file"]).is_file()
     nb = json.loads((tmp_path / "rsna-pe-inference" / kmeta["code_file"]).read_text())
     assert any("inference.py" in "".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+
+
+def test_load_study_matches_cache_and_replaces_broken_slices(phantom_meta: dict[str, Path], phantom_cache: Path,
+                                                            tmp_path: Path) -> None:
+    """The kernel's decoding equals the cache's JPEGs and lung box; an undecodable slice is logged and
+    replaced by its nearest decodable neighbour, as the cache does."""
+    from pe.cache import load_boxes, load_index, load_study_images
+
+    meta = pd.read_parquet(phantom_meta["test"]).sort_values([rspect.STUDY, "slice_index"])
+    study, g = next(iter(meta.groupby(rspect.STUDY, sort=True)))
+    sops, files = g[rspect.SOP].tolist(), g["path"].tolist()
+    item = inference.load_study(study, sops, files, 128, 95)
+    cached = load_study_images(phantom_cache, study, load_index(phantom_cache))
+    np.testing.assert_array_equal(item.images, cached)
+    box = load_boxes(phantom_cache).set_index(rspect.STUDY).loc[study, ["x0", "y0", "x1", "y1"]]
+    assert item.box == tuple(int(v) for v in box)
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"not a dicom")
+    files[2] = str(broken)
+    item = inference.load_study(study, sops, files, 128, None)
+    assert len(item.errors) == 1 and "broken.dcm" in item.errors[0]
+    np.testing.assert_array_equal(item.images[2], item.images[1])  # nearest, earlier on ties
+    none = inference.load_study(study, sops[:1], [str(broken)], 128, None)
+    assert none.images is None and none.errors

@@ -174,3 +174,29 @@ def test_bad_inputs_raise_clear_errors(tmp_path: Path) -> None:
     assert empty.empty and list(empty.columns) == list(metadata.META_COLUMNS) + LABEL_COLUMNS
     with pytest.raises(ValueError, match="split"):
         metadata.parse_metadata(tmp_path, "valid", tmp_path / "m.parquet")
+
+
+def test_interrupted_parse_resumes(phantom_dir: Path, phantom_meta: dict[str, Path], tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metadata, "_CHUNK", 40)
+    real = metadata._parse_chunk
+    calls: list[int] = []
+
+    def crash_after_two(paths: list[str]):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user stops the run
+        calls.append(len(paths))
+        return real(paths)
+
+    out = tmp_path / "train.parquet"
+    monkeypatch.setattr(metadata, "_parse_chunk", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        metadata.parse_metadata(phantom_dir, "train", out)
+    assert not out.exists() and len(list(metadata.parts_dir(out).glob("*.parquet"))) == 2
+    n_files = len(metadata.list_files(phantom_dir / "train"))
+    calls.clear()
+    monkeypatch.setattr(metadata, "_parse_chunk", lambda paths: calls.append(len(paths)) or real(paths))
+    meta = metadata.parse_metadata(phantom_dir, "train", out)
+    assert sum(calls) == n_files - 80  # only what the first run had not finished
+    pd.testing.assert_frame_equal(meta, pd.read_parquet(phantom_meta["train"]))
+    assert not metadata.parts_dir(out).exists()

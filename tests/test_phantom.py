@@ -203,6 +203,12 @@ def test_refuses_to_overwrite_other_data(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="not a phantom"):
         phantom.make_phantom(tmp_path, **TINY)
     assert (tmp_path / "train" / "precious.dcm").exists()
+    # A phantom whose run was cut short (marker written, no truth file yet) is replaced.
+    cut = tmp_path / "cut"
+    (cut / "train" / "half").mkdir(parents=True)
+    (cut / phantom.MARKER_FILE).write_text("{}")
+    phantom.make_phantom(cut, **TINY)
+    assert not (cut / "train" / "half").exists() and (cut / phantom.TRUTH_FILE).exists()
 
 
 def test_dicom_uid_style(tmp_path: Path) -> None:

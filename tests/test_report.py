@@ -298,6 +298,34 @@ def test_report_explains_phantom_slices_with_fold_models(phantom_dir: Path, phan
     rows = {r[0]: r for r in tables.tables["pointing-table"][1:]}
     assert _num(rows["Grad-CAM"][3]) == pytest.approx(pg["Grad-CAM"]["accuracy"], abs=6e-5)
 
+    # The boxes land on the emboli in the model input frame (through cache resize, lung crop and
+    # input resize): an embolus sits in a contrast-filled artery, so a box holds far more of the
+    # slice's brightest PE-window pixels (top 10 %) than a box placed at random (10 %), and far more
+    # than the same box mapped while ignoring the lung crop.
+    from pe.explain import boxes_mask, boxes_to_input_frame
+    from pe.report import cnn_oof_folds, explain_slices, load_embolus_boxes, original_shapes, study_folds
+
+    # The fold that explains a study is the one whose CNN OOF file holds it (= its validation fold).
+    pd.testing.assert_series_equal(cnn_oof_folds("tiny").sort_index(), study_folds().sort_index(),
+                                   check_names=False, check_dtype=False)
+
+    boxes = load_embolus_boxes()
+    assert boxes is not None
+    targets = truth.loc[truth[SOP].isin(set(boxes[SOP])), [SOP, STUDY]].assign(prob=0.5)
+    slices = explain_slices("tiny", targets, study_folds(), boxes, original_shapes())
+    assert len(slices) == len(targets)
+    shapes = original_shapes()
+    bright, no_crop = [], []
+    for s in slices:
+        assert s.cam.shape == s.image.shape == (64, 64) and s.boxes is not None
+        top = s.image > np.quantile(s.image, 0.9)
+        bright.append(top[boxes_mask(s.image.shape, s.boxes)].mean())
+        raw = boxes[boxes[SOP] == s.sop][["x", "y", "width", "height"]].to_numpy(float)
+        rc = (int(shapes.at[s.sop, "rows"]), int(shapes.at[s.sop, "columns"]))
+        wrong = boxes_to_input_frame(raw, rc, 128, None, (64, 64))
+        no_crop.append(top[boxes_mask(s.image.shape, wrong)].mean() if len(wrong) else 0.0)
+    assert np.mean(bright) > 0.2 and np.mean(bright) > 3 * np.mean(no_crop), (np.mean(bright), np.mean(no_crop))
+
 
 def test_cnn_experiment_is_read_from_the_ensemble_members_configs() -> None:
     from pe.report import resolve_cnn_exp

@@ -31,10 +31,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pe.dicom import read_dataset, read_hu, read_pixels, rescale
+from pe.dicom import read_dataset, read_pixels, rescale
 from pe.io import write_bytes_atomic, write_csv_atomic, write_parquet_atomic
 from pe.lungbox import LungAccumulator
-from pe.windows import window_pixels, window_rgb
+from pe.windows import window_pixels
 
 INDEX_COLUMNS = ["StudyInstanceUID", "SOPInstanceUID", "slice_index", "file", "replaced"]
 BOX_COLUMNS = ["StudyInstanceUID", "x0", "y0", "x1", "y1", "size"]
@@ -96,12 +96,14 @@ def resize_image(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def slice_to_rgb(path: str | os.PathLike[str], size: int) -> np.ndarray:
-    """The model input of one DICOM slice before JPEG: read_hu → window_rgb → resize_image.
+    """The model input of one DICOM slice before JPEG: ``resize_image(window_rgb(read_hu(path)), size)``.
 
     The Kaggle kernel calls this on test DICOMs, so its inputs match what training read from the
     cache (up to the JPEG round trip, :func:`jpeg_roundtrip`).
     """
-    return resize_image(window_rgb(read_hu(path)), size)
+    ds = read_dataset(path)
+    # window_pixels on the stored values is bit-identical to window_rgb(read_hu(path)) (tested), faster.
+    return resize_image(window_pixels(read_pixels(ds, path), *rescale(ds)), size)
 
 
 # --------------------------------------------------------------------------- one study
@@ -208,16 +210,46 @@ _WORKER: _Worker | None = None
 
 
 def _init_worker() -> None:
+    """Pool initializer: single-threaded OpenCV (one study per process already fills the cores)
+    and the numba kernels loaded now rather than inside the first study."""
     global _WORKER
-    cv2.setNumThreads(1)  # one study per process already uses the cores
+    _die_with_parent()
+    cv2.setNumThreads(1)
+    window_pixels(np.zeros((2, 2), np.int16), 1.0, -1024.0)
     _WORKER = _Worker()
 
 
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the parent (the forkserver, which exits with the main process) dies,
+    so a killed run leaves no orphan worker writing into the cache while it is re-run."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_ready(_: int) -> None:
+    time.sleep(0.02)  # long enough that every worker takes one: all have finished their start-up
+
+
 def _run_job(job: _StudyJob) -> dict[str, Any]:
-    if _WORKER is None:
-        _init_worker()
-    assert _WORKER is not None
+    global _WORKER
+    if _WORKER is None:  # in-process run (workers=1): leave the caller's OpenCV settings alone
+        _WORKER = _Worker()
     return _WORKER.run(job)
+
+
+def _pool(workers: int) -> Any:
+    """A process pool that is safe whatever the caller did before: ``forkserver`` workers start from
+    a clean process that imported only pe.cache. Plain ``fork`` deadlocks when the parent already ran
+    OpenCV's thread pool (cv2.setNumThreads in the child waits on the parent's condition variables:
+    seen with gdb), and ``spawn`` would re-import everything in every worker."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["pe.cache"])
+    return ctx.Pool(workers, initializer=_init_worker)
 
 
 # --------------------------------------------------------------------------- the whole cache
@@ -319,7 +351,7 @@ def cache_images(
     n_images = sum(len(j.paths) for j in jobs)
     counts = {"done": 0, "failed": 0, "slices": 0, "replaced": 0, "errors": 0}
     failed: list[str] = []
-    t0 = time.perf_counter()
+    t_start = t0 = time.perf_counter()
     bar = tqdm(total=n_images, unit="img", desc=f"cache {out.name}", disable=not progress)
     workers = max(1, min(int(workers), len(jobs))) if jobs else 1
 
@@ -338,19 +370,22 @@ def cache_images(
             for job in jobs:
                 _collect(_run_job(job))
         else:
-            window_pixels(np.zeros((2, 2), np.int16), 1.0, -1024.0)  # compile/load the kernels before forking
-            with mp.get_context("fork").Pool(workers, initializer=_init_worker) as pool:
+            with _pool(workers) as pool:
+                pool.map(_worker_ready, range(2 * workers), chunksize=1)
+                t0 = time.perf_counter()  # steady state from here: start-up and imports excluded
                 for res in pool.imap_unordered(_run_job, jobs, chunksize=1):
                     _collect(res)
     finally:
         bar.close()
-    seconds = time.perf_counter() - t0
+    t_end = time.perf_counter()
+    seconds = t_end - t0
     merged = merge_parts(out)
     summary = {
         "studies_selected": n_selected, "studies_already_complete": n_complete,
         "studies_done": counts["done"], "studies_failed": counts["failed"], "failed_studies": failed,
         "slices_written": counts["slices"], "slices_replaced": counts["replaced"],
         "slice_errors": counts["errors"], "seconds": round(seconds, 3),
+        "seconds_with_startup": round(t_end - t_start, 3),
         "images_per_s": round(n_images / seconds, 1) if seconds > 0 and n_images else 0.0,
         **merged,
     }

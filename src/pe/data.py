@@ -361,12 +361,12 @@ def worker_init_fn(worker_id: int) -> None:
 
 
 def write_synthetic_cache(out: str | Path, n_studies: int = 10, min_slices: int = 12, max_slices: int = 24,
-                          size: int = 128, seed: int = 0, pos_frac: float = 0.5) -> dict[str, Path]:
+                          size: int = 128, seed: int = 0, pos_frac: float = 0.5, n_folds: int = 5) -> dict[str, Path]:
     """A tiny stand-in for stages 01–03 outputs, for tests and benchmarks of this stage.
 
     Writes ``out/cache`` (JPEG slices, index.parquet, boxes.csv in the stage-02 format),
     ``out/meta.parquet`` (ids, slice_index and train.csv labels, label-consistent) and
-    ``out/folds.csv`` (study i in fold i mod 5). Body = a grey ellipse with two dark "lungs";
+    ``out/folds.csv`` (study i in fold i mod n_folds). Body = a grey ellipse with two dark "lungs";
     each positive study has a run of positive slices showing a bright disc inside a lung, drifting
     slowly in z like a clot; noise everywhere so JPEG sizes are realistic.
     """
@@ -419,5 +419,5 @@ def write_synthetic_cache(out: str | Path, n_studies: int = 10, min_slices: int 
     meta = pd.DataFrame(meta_rows)
     meta.to_parquet(out / "meta.parquet", index=False)
     studies = meta[STUDY].drop_duplicates().to_numpy()
-    pd.DataFrame({STUDY: studies, "fold": np.arange(len(studies)) % 5}).to_csv(out / "folds.csv", index=False)
+    pd.DataFrame({STUDY: studies, "fold": np.arange(len(studies)) % n_folds}).to_csv(out / "folds.csv", index=False)
     return {"cache": cache, "meta": out / "meta.parquet", "folds": out / "folds.csv"}

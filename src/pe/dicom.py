@@ -20,10 +20,15 @@ from typing import Any
 
 import numpy as np
 import pydicom
+import pydicom.config
 from pydicom import uid as _uid
 from pydicom.pixels import get_decoder
 
 PathLike = str | os.PathLike[str]
+
+# RSPECT's anonymised UIDs are 12-hex strings, not valid DICOM UI values: pydicom's validation of
+# values on read would warn (and log) once per file and per UID. Reading only; writing still validates.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 # Transfer syntaxes whose pixel bytes are stored raw, little-endian.
 _NATIVE_LE = {_uid.ImplicitVRLittleEndian, _uid.ExplicitVRLittleEndian}

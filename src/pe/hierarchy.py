@@ -39,7 +39,7 @@ import pandas as pd
 import pyarrow.compute as pc
 
 from pe import rspect
-from pe.metric import to_arrow_strings
+from pe.metric import match_ids, to_arrow_strings
 from pe.rspect import CLIP_EPS, EXAM_LABELS, IMAGE_LABEL, IMAGE_WEIGHT, RULES, STUDY, THRESHOLD
 
 UP: float = float(np.nextafter(THRESHOLD, 1.0))  # the smallest float that counts as positive
@@ -355,6 +355,6 @@ def repair_long(sub: pd.DataFrame, ids_df: pd.DataFrame) -> tuple[pd.DataFrame, 
 
     image_df, exam_df, report = repair(*from_long(sub, ids_df))
     new = to_long(image_df, exam_df)
-    pos = pd.Index(new["id"].to_numpy()).get_indexer(sub["id"].astype(str).to_numpy())
+    pos = match_ids(new["id"], sub["id"].astype(str).to_numpy(dtype=object))
     out = pd.DataFrame({"id": new["id"].to_numpy()[pos], "label": new["label"].to_numpy()[pos]})
     return out, report

@@ -5,7 +5,9 @@ Slice order comes from ImagePositionPatient[2] (z), never from file names or Ins
 (RSPECT.md): ``slice_index`` ranks the images of a study by ascending z, ties broken by
 InstanceNumber then SOPInstanceUID so the order is stable.
 
-Problems never crash the run and never drop data silently: every one is a row of
+Long runs resume: every finished chunk of files is kept in ``.<out name>.parts/`` beside the output
+(keyed by the files' paths, sizes and modification times) until the table is written, so a run
+that is stopped goes on where it was. Problems never crash the run and never drop data silently: every one is a row of
 ``<out stem>.problems.csv`` (file, StudyInstanceUID, problem, detail) and counted in the printed
 summary line. Kinds:
 
@@ -26,7 +28,10 @@ summary line. Kinds:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -54,7 +59,8 @@ PROBLEM_KINDS: tuple[str, ...] = (
     "missing_file", "label_id_mismatch", "duplicate_z", "multiple_series",
 )
 SPLITS: tuple[str, ...] = ("train", "test")
-_CHUNK = 256  # files per task: large enough to amortise inter-process traffic
+_CHUNK = 512  # files per task and per resume part: amortises inter-process traffic and part writes
+_PARTS_VERSION = 1  # bump when the record layout changes, so stale parts are never reused
 
 # One header, as parsed in a worker: a record, or None plus (problem, detail) pairs.
 _Record = dict[str, object]
@@ -182,22 +188,67 @@ def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
         yield items[i:i + size]
 
 
-def _parse_all(paths: list[str], workers: int, desc: str) -> list[tuple[str, _Record | None, list[tuple[str, str]]]]:
-    out: list[tuple[str, _Record | None, list[tuple[str, str]]]] = []
-    with tqdm(total=len(paths), desc=desc, unit="file", mininterval=1.0, disable=len(paths) < 2000) as bar:
-        chunks = list(_chunks(paths, _CHUNK))
-        if workers <= 1 or len(chunks) <= 1:
-            results: Iterable = map(_parse_chunk, chunks)
-            for res in results:
-                out.extend(res)
-                bar.update(len(res))
+def parts_dir(out: Path | str) -> Path:
+    """Where finished chunks are kept while a parse runs, so an interrupted run resumes."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.parts")
+
+
+def _chunk_key(paths: list[str]) -> str:
+    """Names a chunk by its files' paths, sizes and modification times: a changed file re-parses."""
+    h = hashlib.sha1(f"v{_PARTS_VERSION}".encode())
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:  # a dangling link: reported as unreadable by the parser
+            h.update(f"{p}\0-\n".encode())
+    return h.hexdigest()[:24]
+
+
+def _save_part(path: Path, results: list[tuple[str, _Record | None, list[tuple[str, str]]]]) -> None:
+    df = pd.DataFrame({"file": [r[0] for r in results], "record": [json.dumps(r[1]) for r in results],
+                       "problems": [json.dumps(r[2]) for r in results]})
+    write_parquet_atomic(df, path)
+
+
+def _load_part(path: Path) -> list[tuple[str, _Record | None, list[tuple[str, str]]]]:
+    df = pd.read_parquet(path)
+    return [(f, json.loads(r), [tuple(p) for p in json.loads(q)])  # type: ignore[misc]
+            for f, r, q in zip(df["file"], df["record"], df["problems"], strict=True)]
+
+
+def _parse_all(paths: list[str], workers: int, desc: str, parts: Path,
+               ) -> list[tuple[str, _Record | None, list[tuple[str, str]]]]:
+    """Parse every file, chunk by chunk; chunks finished by an earlier, interrupted run are loaded
+    from ``parts`` instead of parsed again."""
+    chunks = list(_chunks(paths, _CHUNK))
+    keys = [_chunk_key(c) for c in chunks]
+    done: dict[int, list] = {}
+    if parts.is_dir():
+        for i, k in enumerate(keys):
+            if (parts / f"{k}.parquet").exists():
+                done[i] = _load_part(parts / f"{k}.parquet")
+    todo = [i for i in range(len(chunks)) if i not in done]
+    parts.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(paths), desc=desc, unit="file", mininterval=1.0, disable=len(paths) < 2000,
+              initial=sum(len(chunks[i]) for i in done)) as bar:
+        if workers <= 1 or len(todo) <= 1:
+            results: Iterable = map(_parse_chunk, (chunks[i] for i in todo))
+            pool = None
         else:
-            # Results come back in order, so the table does not depend on the worker count.
-            with get_context().Pool(workers) as pool:
-                for res in pool.imap(_parse_chunk, chunks, chunksize=1):
-                    out.extend(res)
-                    bar.update(len(res))
-    return out
+            pool = get_context().Pool(workers)
+            results = pool.imap(_parse_chunk, (chunks[i] for i in todo), chunksize=1)
+        try:
+            for i, res in zip(todo, results, strict=True):  # imap keeps the order of the chunks
+                _save_part(parts / f"{keys[i]}.parquet", res)
+                done[i] = res
+                bar.update(len(res))
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+    return [r for i in range(len(chunks)) for r in done[i]]
 
 
 def _read_labels(data_dir: Path, split: str) -> pd.DataFrame:
@@ -236,7 +287,7 @@ def parse_metadata(data_dir: Path | str, split: str, out: Path | str, workers: i
         raise FileNotFoundError(f"{root}: no such folder (expected the Kaggle layout, RSPECT.md)")
     labels = _read_labels(data_dir, split)
     paths = list_files(root)
-    parsed = _parse_all(paths, workers, desc=f"headers {split}")
+    parsed = _parse_all(paths, workers, desc=f"headers {split}", parts=parts_dir(out))
 
     problems: list[tuple[str, str, str, str]] = []
     records: list[_Record] = []
@@ -304,6 +355,7 @@ def parse_metadata(data_dir: Path | str, split: str, out: Path | str, workers: i
     prob = pd.DataFrame(problems, columns=list(PROBLEM_COLUMNS))
     write_parquet_atomic(meta, out)
     write_csv_atomic(prob, problems_path(out))
+    shutil.rmtree(parts_dir(out), ignore_errors=True)  # complete: nothing left to resume
     counts = Counter(prob["problem"])
     detail = ", ".join(f"{k}={counts[k]}" for k in PROBLEM_KINDS if counts[k]) or "none"
     print(f"{split}: {len(meta)} images in {meta['StudyInstanceUID'].nunique()} studies from {len(paths)} files; "

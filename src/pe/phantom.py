@@ -18,6 +18,14 @@ gives every label a visual cause that a small CNN can learn:
 - ``flow_artifact`` and ``true_filling_defect_not_pe`` (informational): dimmed lower-lobe arteries,
   a defect in the descending aorta.
 
+Files besides the Kaggle layout: ``train_boxes.csv`` (SOPInstanceUID, x, y, width, height: one row
+per embolus per slice, original pixels), ``phantom_test_labels.csv`` / ``phantom_test_boxes.csv``
+(the same truth for the test split, to score the demo's test predictions) and ``phantom_truth.csv``,
+one row per study: ids, split, n_slices, n_positive_images, size, pixel/slice spacing, the lung
+extent over all slices ``lung_x0, lung_y0, lung_x1, lung_y1`` (pixels, x1/y1 exclusive), exam kind,
+indeterminate cause, drawn RV/LV ratio, emboli count and styles, InstanceNumber scheme, transfer
+syntax, storage (dtype, intercept, BitsStored) and every exam and informational label.
+
 Geometry is planned per study (in mm, from a study-specific random stream), then every slice is
 drawn with OpenCV primitives on a float HU image, blurred slightly (partial volume) and given
 CT-like noise from a pre-drawn noise texture. Everything comes from ``numpy.random.default_rng``
@@ -26,6 +34,7 @@ streams keyed by (seed, split, study): same seed, same bytes, whatever the numbe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
@@ -310,7 +319,7 @@ def _plan_emboli(plan: StudyPlan, rng: np.random.Generator, sides: dict[str, boo
                 if side == "central":
                     level = "trunk"
                 else:
-                    level = str(rng.choice(["main", "lobar", "segmental"], p=[0.3, 0.45, 0.25]))
+                    level = str(rng.choice(["main", "lobar", "segmental"], p=[0.35, 0.45, 0.2]))
                 cands = by_level.get((side, level), [])
                 if not cands:
                     continue
@@ -765,10 +774,15 @@ def hu_to_stored(plan: StudyPlan, hu: np.ndarray) -> np.ndarray:
     lo, hi = _stored_range(plan)
     hu = np.clip(hu, -1024, 3071)
     if plan.pad_outside_fov:  # scanners store a padding value outside the reconstruction circle
-        yy, xx = np.ogrid[: plan.size, : plan.size]
-        c = (plan.size - 1) / 2
-        hu = np.where((yy - c) ** 2 + (xx - c) ** 2 > (plan.size / 2) ** 2, -2000.0, hu)
+        hu = np.where(_outside_fov(plan.size), np.float32(-2000.0), hu)
     return np.clip(np.rint(hu - plan.intercept), lo, hi).astype(plan.dtype)
+
+
+@functools.cache
+def _outside_fov(size: int) -> np.ndarray:
+    yy, xx = np.ogrid[:size, :size]
+    c = (size - 1) / 2
+    return (yy - c) ** 2 + (xx - c) ** 2 > (size / 2) ** 2
 
 
 def _base_dataset(plan: StudyPlan) -> Dataset:
@@ -887,7 +901,8 @@ def build_study(plan: StudyPlan, out: Path, compress: bool = True) -> StudyResul
     folder = Path(out) / plan.split / plan.study / plan.series
     folder.mkdir(parents=True, exist_ok=True)
     positives = plan.positive_slices()
-    exam = [plan.labels[c] for c in rspect.TRAIN_COLUMNS[4:]]
+    exam_cols = [c for c in rspect.TRAIN_COLUMNS if c not in (*rspect.ID_COLUMNS, rspect.IMAGE_LABEL)]
+    exam = [plan.labels[c] for c in exam_cols]
     rows: list[tuple] = []
     boxes: list[tuple] = []
     lx0 = ly0 = 10**9
@@ -953,12 +968,16 @@ def _truth_row(plan: StudyPlan, res: StudyResult) -> dict:
     }
 
 
-def _prepare_out(out: Path) -> None:
-    """Refuse to overwrite anything but an earlier phantom (never real data)."""
+MARKER_FILE = ".pe_phantom"  # written first, so even a phantom whose run was cut short is recognised
+
+
+def _prepare_out(out: Path, params: dict) -> None:
+    """Refuse to overwrite anything but an earlier phantom (never real data); clear an earlier one."""
     existing = [out / s for s in SPLITS if (out / s).exists()]
-    if existing and not (out / TRUTH_FILE).exists():
+    if existing and not ((out / TRUTH_FILE).exists() or (out / MARKER_FILE).exists()):
         raise FileExistsError(f"{out}: holds {existing[0].name}/ but no {TRUTH_FILE}; not a phantom, "
                               "refusing to overwrite")
+    pe_io.write_json_atomic(out / MARKER_FILE, params)
     for p in existing:
         shutil.rmtree(p)
     (out / TRUTH_FILE).unlink(missing_ok=True)
@@ -978,7 +997,8 @@ def make_phantom(out: Path | str, train_studies: int, test_studies: int, seed: i
         raise ValueError(f"size must be >= 32, got {size}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _prepare_out(out)
+    _prepare_out(out, dict(train_studies=train_studies, test_studies=test_studies, seed=seed, size=size,
+                           min_slices=min_slices, max_slices=max_slices, uid_style=uid_style, compress=compress))
     plans = {"train": plan_split("train", train_studies, seed, size, min_slices, max_slices, uid_style),
              "test": plan_split("test", test_studies, seed, size, min_slices, max_slices, uid_style)}
     jobs = [(p, str(out), compress) for s in SPLITS for p in plans[s]]

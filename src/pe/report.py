@@ -29,6 +29,7 @@ import html
 import json
 import logging
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -399,6 +400,24 @@ def original_shapes() -> pd.DataFrame | None:
     return pd.read_parquet(meta, columns=[SOP, "rows", "columns"]).set_index(SOP)
 
 
+def cnn_oof_folds(cnn_exp: str) -> pd.Series | None:
+    """Validation fold per study as the CNN's own OOF files record it: a study in
+    ``oof/<cnn_exp>/cnn_fold<k>.parquet`` was predicted by fold k's model, which did not train on it."""
+    parts = []
+    for f in sorted(paths.exp_oof_dir(cnn_exp).glob("cnn_fold[0-9]*.parquet")):
+        m = re.fullmatch(r"cnn_fold(\d+)\.parquet", f.name)
+        if m:
+            studies = pd.read_parquet(f, columns=[STUDY])[STUDY].astype(str).unique()
+            parts.append(pd.Series(int(m.group(1)), index=studies))
+    if not parts:
+        return None
+    out = pd.concat(parts)
+    dup = out.index[out.index.duplicated()]
+    if len(dup):
+        raise ValueError(f"{paths.exp_oof_dir(cnn_exp)}: study {dup[0]} is in the OOF files of two folds")
+    return out
+
+
 def study_folds() -> pd.Series | None:
     """Validation fold per study (``work/folds.csv``)."""
     p = paths.folds_path()
@@ -482,7 +501,7 @@ def plot_maps(slices: Sequence[ExplainedSlice], path: Path, per_row: int = 4) ->
     from pe.explain import boxes_mask, map_peak
 
     has_ig = any(s.ig is not None for s in slices)
-    kinds = [("Grad-CAM", "cam")] + ([("IG", "ig")] if has_ig else [])
+    kinds = [("PE window", None), ("Grad-CAM", "cam")] + ([("IG", "ig")] if has_ig else [])
     n_groups = math.ceil(len(slices) / per_row)
     fig, axes = plt.subplots(n_groups * len(kinds), per_row, figsize=(3.2 * per_row, 3.4 * n_groups * len(kinds)),
                              squeeze=False)
@@ -490,22 +509,27 @@ def plot_maps(slices: Sequence[ExplainedSlice], path: Path, per_row: int = 4) ->
         ax.axis("off")
     for k, s in enumerate(slices):
         for j, (name, attr) in enumerate(kinds):
-            m = getattr(s, attr)
-            if m is None:
+            m = None if attr is None else getattr(s, attr)
+            if attr is not None and m is None:
                 continue
             ax = axes[(k // per_row) * len(kinds) + j, k % per_row]
             ax.imshow(s.image, cmap="gray")
-            ax.imshow(m, cmap="jet", alpha=0.4, vmin=0, vmax=1)
-            hit = ""
-            if s.boxes is not None and len(s.boxes):
+            boxed = s.boxes is not None and len(s.boxes) > 0
+            if boxed:
                 for x0, y0, x1, y1 in s.boxes:
                     ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="lime", lw=1.2))
-                peak = map_peak(m)
-                hit = " hit" if peak is not None and boxes_mask(m.shape, s.boxes)[peak] else " miss"
+            if m is None:
+                ax.set_title(f"{name}, fold {s.fold} model, p={s.prob:.2f}\n{s.study[-12:]} / {s.sop[-12:]}",
+                             fontsize=8)
+                continue
+            ax.imshow(m, cmap="jet", alpha=0.4, vmin=0, vmax=1)
             peak = map_peak(m)
+            hit = ""
+            if boxed:
+                hit = " hit" if peak is not None and boxes_mask(m.shape, s.boxes)[peak] else " miss"
             if peak is not None:
                 ax.plot(peak[1], peak[0], "wx", ms=8, mew=2)
-            ax.set_title(f"{name} f{s.fold} p={s.prob:.2f}{hit}\n{s.sop[-16:]}", fontsize=8)
+            ax.set_title(f"{name}{hit}", fontsize=8)
     save_figure(fig, path)
 
 
@@ -650,10 +674,13 @@ def build_report(exp: str, out_dir: str | Path | None = None, cnn_exp: str | Non
 def _explanations(ev: Evaluation, cnn_exp: str, cnn_probs: pd.Series | None, out: Path, summary: dict[str, Any],
                   n_cams: int, ig: bool, ig_steps: int, max_pointing: int, device: str) -> str:
     notes: list[str] = summary["notes"]
-    fold_of = study_folds()
+    # The CNN's own OOF files say which fold model did not see a study; folds.csv is the fallback.
+    fold_of = cnn_oof_folds(cnn_exp)
     if fold_of is None:
-        notes.append(f"{paths.folds_path()} not found: explanation maps skipped")
-        return "<p>no folds file: skipped</p>"
+        fold_of = study_folds()
+    if fold_of is None:
+        notes.append(f"no oof/{cnn_exp}/cnn_fold<k>.parquet and no {paths.folds_path()}: explanation maps skipped")
+        return "<p>no folds: skipped</p>"
     if not any((paths.run_dir(cnn_exp, k) / "best.pt").is_file() for k in sorted(set(fold_of))):
         notes.append(f"no {paths.models_dir() / cnn_exp}/fold<k>/best.pt: explanation maps skipped")
         return "<p>no CNN checkpoints: skipped</p>"

@@ -14,8 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pcsv
 
-from pe.io import write_csv_atomic
+from pe.io import atomic_path
+from pe.metric import match_ids, to_arrow_strings
 from pe.rspect import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY, SUBMISSION_COLUMNS
 
 _N_SHOW = 5
@@ -49,15 +52,28 @@ def to_long(image_df: pd.DataFrame, exam_df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"id": ids, "label": labels})
 
 
-def _index(sub: pd.DataFrame, what: str = "submission", exact: bool = True) -> pd.Index:
+def _check_columns(sub: pd.DataFrame, what: str = "submission", exact: bool = True) -> None:
     if list(sub.columns) != list(SUBMISSION_COLUMNS) and (exact or not {"id", "label"} <= set(sub.columns)):
         need = "exactly the columns id,label" if exact else "the columns id,label"
         raise SubmissionError(f"{what} must have {need}; got {list(sub.columns)}")
-    index = pd.Index(sub["id"].astype(str).to_numpy(dtype=object))
-    if not index.is_unique:
-        dup = index[index.duplicated()].unique()
-        raise SubmissionError(f"{what} has {len(dup)} duplicated ids, e.g. {_first(dup)}")
-    return index
+
+
+def _positions(sub: pd.DataFrame, want: np.ndarray, what: str, table: str, strict: bool = True) -> np.ndarray:
+    """Row of ``sub`` holding each id of ``want``; SubmissionError for duplicated or missing ids and,
+    with ``strict``, for ids not in ``want`` (one Arrow hashing pass, fast at 1.8 M rows)."""
+    try:
+        pos = match_ids(sub["id"], want)
+    except ValueError as e:  # duplicated ids in sub
+        raise SubmissionError(str(e).replace("prediction", what, 1)) from e
+    if (pos < 0).any():
+        miss = want[pos < 0]
+        raise SubmissionError(f"{what} lacks {len(miss)} ids, e.g. {_first(miss)}")
+    if strict and len(sub) != len(want):
+        extra = np.ones(len(sub), dtype=bool)
+        extra[pos] = False
+        ids = sub["id"].to_numpy()[extra]
+        raise SubmissionError(f"{what} has {extra.sum()} ids not in the {table}, e.g. {_first(ids)}")
+    return pos
 
 
 def _labels(sub: pd.DataFrame, what: str = "submission") -> np.ndarray:
@@ -86,19 +102,12 @@ def from_long(sub: pd.DataFrame, ids_df: pd.DataFrame, *, strict: bool = True) -
     """(image_df, exam_df) from a long frame; ``ids_df`` maps SOPInstanceUID to StudyInstanceUID
     (e.g. test.csv) and fixes the row order. Missing ids raise; with ``strict`` so do extra ids.
     Columns other than id,label (e.g. an OOF file's fold) are ignored."""
-    index = _index(sub, "prediction", exact=False)
+    _check_columns(sub, "prediction", exact=False)
     labels = pd.to_numeric(sub["label"], errors="coerce").to_numpy(dtype=np.float64)
     image_ids = ids_df[SOP].astype(str).to_numpy(dtype=object)
     studies = pd.unique(ids_df[STUDY].astype(str))
     want = np.concatenate([image_ids, exam_ids(studies).ravel()])
-    pos = index.get_indexer(want)
-    if (pos < 0).any():
-        miss = want[pos < 0]
-        raise SubmissionError(f"prediction lacks {len(miss)} ids, e.g. {_first(miss)}")
-    if strict and len(index) != len(want):
-        extra = np.ones(len(index), dtype=bool)
-        extra[pos] = False
-        raise SubmissionError(f"prediction has {extra.sum()} ids not in the id table, e.g. {_first(index[extra])}")
+    pos = _positions(sub, want, "prediction", "id table", strict=strict)
     vals = labels[pos]
     n = len(image_ids)
     image_df = pd.DataFrame({STUDY: ids_df[STUDY].astype(str).to_numpy(dtype=object), SOP: image_ids,
@@ -112,20 +121,14 @@ def validate(sub: pd.DataFrame, test_df: pd.DataFrame) -> None:
     """Raise :class:`SubmissionError` unless ``sub`` is a valid submission for ``test_df``: columns
     exactly id,label; no duplicated, missing or extra id; labels finite and in [0, 1]; row count =
     images + 9 x studies. The message gives the reason, the count and the first offending ids."""
-    index = _index(sub)
+    _check_columns(sub)
     _labels(sub)
     want = expected_ids(test_df)
-    if pd.Index(want).has_duplicates:
-        dup = pd.Index(want)[pd.Index(want).duplicated()]
-        raise SubmissionError(f"test table has {len(dup)} duplicated SOPInstanceUIDs, e.g. {_first(dup)}")
-    pos = index.get_indexer(want)
-    if (pos < 0).any():
-        miss = want[pos < 0]
-        raise SubmissionError(f"submission lacks {len(miss)} ids, e.g. {_first(miss)}")
-    if len(index) != len(want):
-        extra = np.ones(len(index), dtype=bool)
-        extra[pos] = False
-        raise SubmissionError(f"submission has {extra.sum()} ids not in the test set, e.g. {_first(index[extra])}")
+    try:
+        match_ids(want, want[:0])
+    except ValueError as e:
+        raise SubmissionError(str(e).replace("prediction", "test table", 1).replace("ids", "SOPInstanceUIDs", 1)) from e
+    _positions(sub, want, "submission", "test set")
     n_studies = test_df[STUDY].nunique()
     if len(sub) != len(test_df) + len(EXAM_LABELS) * n_studies:  # implied by the above; kept as the rule
         raise SubmissionError(f"submission has {len(sub)} rows, expected {len(test_df)} images + 9 x {n_studies}")
@@ -145,15 +148,25 @@ def read_submission(path: str | os.PathLike[str], *, extra_columns: bool = False
         df = df[list(SUBMISSION_COLUMNS)]
     if list(df.columns) != list(SUBMISSION_COLUMNS):
         raise SubmissionError(f"{path}: columns must be exactly id,label; got {list(df.columns)}")
-    _index(df, str(path))
+    try:
+        match_ids(df["id"], np.zeros(0, dtype=object))  # duplicates only
+    except ValueError as e:
+        raise SubmissionError(f"{path}: {e}") from e
     _labels(df, str(path))
     return df.assign(label=df["label"].astype(np.float64))
 
 
 def write_submission(sub: pd.DataFrame, path: str | os.PathLike[str], test_df: pd.DataFrame | None = None) -> None:
     """Write ``sub`` atomically (temporary file, then rename), validating it first when ``test_df``
-    is given. Floats are written with full precision: repaired values just above 0.5
-    (``np.nextafter(0.5, 1)``) must survive the round trip."""
+    is given. Arrow's CSV writer is used: ~10x faster than pandas at 1.8 M rows, and it writes the
+    shortest repr that round-trips, so repaired values just above 0.5 (``np.nextafter(0.5, 1)``)
+    survive."""
     if test_df is not None:
         validate(sub, test_df)
-    write_csv_atomic(sub[list(SUBMISSION_COLUMNS)], path)
+    table = pa.table({"id": to_arrow_strings(sub["id"]).cast(pa.string()),
+                      "label": pa.array(sub["label"].to_numpy(dtype=np.float64))})
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # plain header and unquoted ids, as Kaggle's sample_submission.csv (an id that would need
+        # quoting is rejected by Arrow rather than written)
+        f.write(b"id,label\n")
+        pcsv.write_csv(table, f, write_options=pcsv.WriteOptions(include_header=False, quoting_style="none"))
