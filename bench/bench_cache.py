@@ -1,7 +1,7 @@
 """Speed of the 3-window JPEG cache (issue 4), all figures from one run on the same files.
 
 1. Writes N uncompressed 512² CT slices (real pydicom-data slice 693_UNCR.dcm, shifted, flipped and
-   given CT-like noise so every file differs) in studies of S slices, into a temporary folder.
+   given CT-like noise so every file differs) in studies of S/2 to 3S/2 slices, in a temporary folder.
 2. Times each stage of the cache worker on every file, in one process: read (dcmread + pixels),
    window (numba table lookup, exact), encode (4:4:4 JPEG q95); and the extra work the worker does
    (lung-box mask on its sampled slices, atomic file write). Bound = cores / (read + window + encode
@@ -45,6 +45,17 @@ from pe.windows import WINDOWS, window_pixels  # noqa: E402
 TEMPLATE = Path(data_store.__file__).parent / "data" / "693_UNCR.dcm"
 
 
+def study_sizes(n: int, mean: int, seed: int = 0) -> list[int]:
+    """Study lengths summing to n, uniform in [mean/2, 3*mean/2] (RSPECT studies vary from ~60 to 1,083
+    slices; varied sizes, largest first, keep both workers busy to the end as in a real run)."""
+    rng = np.random.default_rng(seed)
+    sizes = []
+    while sum(sizes) < n:
+        sizes.append(int(rng.integers(mean // 2, 3 * mean // 2 + 1)))
+    sizes[-1] -= sum(sizes) - n
+    return [s for s in sizes if s > 0]
+
+
 def make_files(root: Path, n: int, study_slices: int, seed: int = 0) -> pd.DataFrame:
     """N distinct uncompressed 512² slices: the template's header bytes + new pixel bytes."""
     raw = TEMPLATE.read_bytes()
@@ -56,8 +67,8 @@ def make_files(root: Path, n: int, study_slices: int, seed: int = 0) -> pd.DataF
     rng = np.random.default_rng(seed)
     noise = rng.normal(0, 12, (4, *base.shape)).astype(np.int32)  # CT quantum noise, ~12 HU
     rows = []
-    for i in range(n):
-        study, k = divmod(i, study_slices)
+    index = [(study, k) for study, m in enumerate(study_sizes(n, study_slices, seed)) for k in range(m)]
+    for i, (study, k) in enumerate(index):
         img = np.roll(base, (int(rng.integers(-40, 40)), int(rng.integers(-40, 40))), axis=(0, 1))
         if rng.random() < 0.5:
             img = img[:, ::-1]
@@ -67,12 +78,16 @@ def make_files(root: Path, n: int, study_slices: int, seed: int = 0) -> pd.DataF
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(prefix + np.clip(img, -32768, 32767).astype("<i2").tobytes())
         rows.append({"StudyInstanceUID": uid, "SOPInstanceUID": f"{uid}.{k + 1}", "path": str(path),
-                     "slice_index": k})
-    return pd.DataFrame(rows)
+                     "slice_index": k, "n_slices": 0})
+    meta = pd.DataFrame(rows)
+    meta["n_slices"] = meta.groupby("StudyInstanceUID")["slice_index"].transform("size")
+    return meta
 
 
-def time_stages(paths: list[str], size: int, quality: int, scratch: Path) -> dict[str, float]:
+def time_stages(meta: pd.DataFrame, size: int, quality: int, scratch: Path) -> dict[str, float]:
     """Seconds per image of each worker stage, measured on every file in one process."""
+    paths = meta["path"].tolist()
+
     params = pc._jpeg_params(quality)
     t = dict.fromkeys(("read", "window", "encode", "lungbox", "write"), 0.0)
     buf = None
@@ -90,8 +105,7 @@ def time_stages(paths: list[str], size: int, quality: int, scratch: Path) -> dic
         t2 = time.perf_counter()
         data = pc._encode_bgr(pc.resize_image(bgr, size), params)
         t3 = time.perf_counter()
-        if i % 4 == 0:  # the cache uses ~64 evenly spaced slices per study (every 4th of ~245)
-            acc.add_pixels(px, slope, intercept)
+        acc.add_pixels(px, slope, intercept)
         t4 = time.perf_counter()
         write_bytes_atomic(scratch / f"{i % 64:04d}.jpg", data)
         t5 = time.perf_counter()
@@ -114,7 +128,7 @@ def naive(paths: list[str], scratch: Path) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=3000, help="slices (512², uncompressed)")
-    ap.add_argument("--study-slices", type=int, default=50)
+    ap.add_argument("--study-slices", type=int, default=100, help="mean slices per study")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--quality", type=int, default=95)
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
@@ -133,13 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         scratch = root / "scratch"
         scratch.mkdir()
         # Warm-up: numba kernels, the window table, OpenCV, the page cache of every file.
-        time_stages(paths[:50], args.size, args.quality, scratch)
+        time_stages(meta.head(50), args.size, args.quality, scratch)
         for p in paths:
             Path(p).read_bytes()
-        pc.cache_images(meta.head(2 * args.study_slices), root / "warm", size=args.size, quality=args.quality,
+        pc.cache_images(meta.head(100), root / "warm", size=args.size, quality=args.quality,
                         workers=cores, progress=False)
 
-        stages = time_stages(paths, args.size, args.quality, scratch)
+        stages = time_stages(meta, args.size, args.quality, scratch)
         per_image = stages["read"] + stages["window"] + stages["encode"]
         bound = cores / per_image
         bound_all = cores / sum(stages.values())

@@ -19,6 +19,13 @@ from pathlib import Path
 from pe.cache import cache_images, parse_shard
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        return parse_shard(text)
+    except ValueError as e:  # argparse shows ArgumentTypeError messages verbatim
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--meta", type=Path, required=True, help="metadata parquet of one split (stage 01)")
@@ -26,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=512, help="side of the square cached images, pixels")
     ap.add_argument("--quality", type=int, default=95, help="JPEG quality (4:4:4 chroma sampling)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (one study each)")
-    ap.add_argument("--shard", type=parse_shard, default=None, help="i/n: only studies of shard i of n")
+    ap.add_argument("--shard", type=_shard, default=None, help="i/n: only studies of shard i of n")
     ap.add_argument("--force", action="store_true", help="redo studies that are already complete")
     args = ap.parse_args(argv)
     cache_images(args.meta, args.out, size=args.size, quality=args.quality, workers=args.workers,

@@ -6,17 +6,44 @@ Writes work/models/<exp>/fold<k>/{config.yaml, metrics.jsonl, last.pt, best.pt} 
        oof/<exp>/cnn_fold<k>.parquet (SOPInstanceUID, StudyInstanceUID, prob) of the fold's
        validation studies
 
-    python src/04_train_cnn.py --config src/configs/demo.yaml --fold 0 [--resume] [epochs=2 lr=1e-3]
+    python src/04_train_cnn.py --config src/configs/demo.yaml --fold 0 [--resume] [epochs=2 lr=1e-3 | --epochs 2]
     torchrun --nproc_per_node 4 src/04_train_cnn.py --config src/configs/cnn_effv2s_512.yaml --fold 0
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from pe.cnn import CNNConfig
 from pe.config import load_config
 from pe.train_cnn import train_fold
+
+KNOWN = {"--config", "--fold", "--resume", "-h", "--help"}
+
+
+def dash_overrides(argv: list[str]) -> list[str]:
+    """Rewrite config options given as ``--key value`` / ``--key=value`` to ``key=value`` items."""
+    out, i = [], 0
+    while i < len(argv):
+        item = argv[i]
+        name = item.split("=", 1)[0]
+        if item.startswith("--") and name not in KNOWN:
+            if "=" in item:
+                out.append(item[2:])
+                i += 1
+                continue
+            if i + 1 >= len(argv):
+                raise SystemExit(f"{item} needs a value")
+            out.append(f"{item[2:]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(item)
+        if item in ("--config", "--fold") and i + 1 < len(argv):
+            out.append(argv[i + 1])
+            i += 1
+        i += 1
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="experiment YAML (src/configs/<exp>.yaml)")
     ap.add_argument("--fold", type=int, required=True, help="validation fold; -1 trains on all folds")
     ap.add_argument("--resume", action="store_true", help="continue from the run folder's last.pt")
-    ap.add_argument("overrides", nargs="*", help="config overrides key=value")
-    args = ap.parse_args(argv)
+    ap.add_argument("overrides", nargs="*", help="config overrides key=value (or --key value)")
+    args = ap.parse_args(dash_overrides(sys.argv[1:] if argv is None else argv))
     cfg = load_config(CNNConfig, args.config, args.overrides)
     run = train_fold(cfg, args.fold, resume=args.resume)
     print(f"run folder: {run}")

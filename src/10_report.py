@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ig-steps", type=int, default=32, help="integration steps for --ig")
     ap.add_argument("--max-pointing", type=int, default=256,
                     help="at most this many boxed positive slices in the pointing game (random sample)")
+    ap.add_argument("--cam-layer", default=None,
+                    help="dotted module name for Grad-CAM (default: the CNN's gradcam_layer, its last "
+                         "feature map), e.g. backbone.blocks.3 for finer maps")
     ap.add_argument("--no-explain", action="store_true", help="skip the explanation maps")
     ap.add_argument("--device", default="cpu", help="torch device for the explanation maps")
     args = ap.parse_args(argv)
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = build_report(args.exp, out_dir=args.out, cnn_exp=args.cnn_exp, n_studies=args.n_studies,
                                n_cams=args.n_cams, ig=args.ig, ig_steps=args.ig_steps,
                                max_pointing=args.max_pointing, device=args.device, truth_path=args.truth,
-                               explain=not args.no_explain)
+                               explain=not args.no_explain, cam_layer=args.cam_layer)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -169,6 +169,20 @@ def test_boxes_contain_the_lungs_and_are_tight(dataset, tmp_path: Path) -> None:
         assert (b.x1 - b.x0) * (b.y1 - b.y0) < 0.6 * size * size
 
 
+def test_box_from_stored_pixels_equals_box_from_hu(dataset) -> None:
+    """The cache feeds stored pixels, the Kaggle kernel feeds read_hu: same box."""
+    from pe.dicom import read_dataset, read_pixels, rescale
+    from pe.lungbox import LungAccumulator
+
+    meta, _, _ = dataset
+    a, b = LungAccumulator(96, 96), LungAccumulator(96, 96)
+    for p in meta["path"]:
+        ds = read_dataset(p)
+        a.add_pixels(read_pixels(ds, p), *rescale(ds))
+        b.add(read_hu(p))
+    assert a.counts.sum() > 0 and np.array_equal(a.counts, b.counts) and a.box(64) == b.box(64)
+
+
 # --------------------------------------------------------------------------- resume, shards, force
 def test_interrupted_run_resumes_to_identical_files(dataset, tmp_path: Path, monkeypatch) -> None:
     _, _, meta_path = dataset
@@ -225,6 +239,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 def test_killed_subprocess_resumes_to_identical_files(dataset, tmp_path: Path) -> None:
     """A real SIGKILL of the script with 2 workers mid-run, then a re-run: same files as uninterrupted."""
     import signal

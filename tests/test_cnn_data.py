@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from pe.cache import load_boxes, load_index, load_study_images
 from pe.cnn import CNNConfig, preprocess_study
@@ -16,6 +17,7 @@ from pe.data import (
     build_augment,
     build_slice_table,
     epoch_plan,
+    normalize,
     stack_neighbors,
     write_synthetic_cache,
 )
@@ -72,7 +74,8 @@ def test_dataset_matches_preprocess_study(fake: dict[str, Path]) -> None:
     assert len(rows) == len(images)
     for i in rows:
         item = ds[int(i)]
-        np.testing.assert_array_equal(item["image"].numpy(), x[table.sample_slice[i]].numpy())
+        assert item["image"].dtype == torch.uint8
+        np.testing.assert_array_equal(normalize(item["image"]).numpy(), x[table.sample_slice[i]].numpy())
         assert item["label"].item() == meta.set_index("SOPInstanceUID").loc[table.sample_sop[i], "pe_present_on_image"]
     # The crop matters: without it the input differs.
     x_full = preprocess_study(images, CNNConfig(img_size=48, neighbors=1, crop_lung=False))

@@ -10,6 +10,7 @@ from torch import nn
 from pe.explain import (
     boxes_mask,
     boxes_to_input_frame,
+    fill_boxes,
     grad_cam,
     integrated_gradients,
     map_peak,
@@ -156,3 +157,14 @@ def test_briefly_trained_cnn_points_at_blobs_well_above_chance() -> None:
     # Chance is ~1 % (9 of 1024 pixels); a model that learned the blob points at it most of the time.
     assert res.chance < 0.02
     assert res.accuracy >= 0.6 and res.accuracy > 10 * res.chance
+
+
+def test_fill_boxes_paints_a_filling_defect_with_the_surrounding_contrast() -> None:
+    x = torch.zeros(2, 3, 20, 20)
+    x[:, :, 4:16, 4:16] = 1.0  # a bright contrast-filled vessel
+    x[0, :, 8:11, 9:12] = 0.3  # a dark filling defect (the embolus) in sample 0
+    out = fill_boxes(x, [np.array([[9, 8, 12, 11]]), None])
+    assert torch.allclose(out[0, :, 8:11, 9:12], torch.ones(3, 3, 3))
+    changed = (out != x).any(dim=1)
+    assert changed[0].sum() == 9 and not changed[1].any()  # nothing outside the box, no box no change
+    assert torch.equal(x[0, 0, 8, 9], torch.tensor(0.3))  # the input is not modified

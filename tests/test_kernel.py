@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 KERNEL = REPO / "kernels" / "rsna-pe-inference" / "inference.py"
 MAKE_DATASET = REPO / "kernels" / "make_kaggle_dataset.py"
 CNN_EXP, SEQ_EXPS, ENS = "cnn_k", ("seq_k_gru", "seq_k_lstm"), "ens_k"
+# make test runs pytest -n 2 --dist loadgroup: one worker builds the trained chain once for all tests here.
+pytestmark = pytest.mark.xdist_group("kernel_chain")
 
 
 @pytest.fixture(scope="session")
@@ -97,17 +99,23 @@ def _assert_valid_and_consistent(sub_path: Path, data: Path) -> None:
 
 
 def test_stage_table_of_the_chain(chain: dict) -> None:
-    rows = {r["stage"]: r["oof_metric"] for r in chain["stages"]["rows"]}
-    assert np.isfinite(rows["CNN max-aggregation"])  # found the CNN's OOF through the members' config
-    assert all(np.isfinite(rows[f"member {s}"]) for s in SEQ_EXPS)
-    assert rows["ensemble + repair"] == pytest.approx(rows["ensemble + repair"])
+    from pe.metric import score
+
+    rows = {r["stage"]: r for r in chain["stages"]["rows"]}
+    assert np.isfinite(rows["CNN max-aggregation"]["oof_metric"])  # found via the members' cnn_exp
+    assert all(np.isfinite(rows[f"member {s}"]["oof_metric"]) for s in SEQ_EXPS)
+    assert rows["ensemble + repair"]["note"].endswith("rules broken after: 0")
+    # the written oof.csv is the cross-fitted blend the table reports
+    oof = pd.read_csv(chain["root"] / "oof" / ENS / "oof.csv", dtype={"id": str})
+    truth = pd.read_csv(chain["data"] / "train.csv", dtype={c: str for c in rspect.ID_COLUMNS})
+    assert score(oof, truth) == pytest.approx(rows["ensemble cross-fitted"]["oof_metric"], rel=1e-9)
 
 
 def test_kernel_from_built_dataset_matches_offline_test_predictions(chain: dict, tmp_path: Path) -> None:
     """Parity: the kernel, run as Kaggle runs it (from the code dataset that make_kaggle_dataset builds,
     in a fresh process with a decoding worker pool), reproduces the offline pipeline's blended test
     predictions (cache JPEGs → export → sequence → 07) when the JPEG round trip is on."""
-    env = {**os.environ, **{k: str(v) for k, v in chain["env"].items()}}
+    env = {**os.environ, **{k: str(v) for k, v in chain["env"].items()}, "OMP_NUM_THREADS": "1"}
     build = tmp_path / "build"
     subprocess.run([sys.executable, str(MAKE_DATASET), "--out", str(build), "--ensemble", ENS, "--user", "someone"],
                    check=True, env=env, capture_output=True, text=True)

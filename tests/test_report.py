@@ -295,6 +295,8 @@ def test_report_explains_phantom_slices_with_fold_models(phantom_dir: Path, phan
     for r in pg.values():
         assert 0 < r["n"] <= min(24, n_boxed)
         assert 0 < r["chance"] < 0.5 and 0 <= r["accuracy"] <= 1
+    assert summary["occlusion"]["n"] == pg["Grad-CAM"]["n"]
+    assert np.isfinite(summary["occlusion"]["mean_logit_drop"])
     rows = {r[0]: r for r in tables.tables["pointing-table"][1:]}
     assert _num(rows["Grad-CAM"][3]) == pytest.approx(pg["Grad-CAM"]["accuracy"], abs=6e-5)
 

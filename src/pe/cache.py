@@ -18,6 +18,7 @@ our colours are three different windows, edges bleed one window into another (RS
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing as mp
 import os
@@ -41,7 +42,6 @@ BOX_COLUMNS = ["StudyInstanceUID", "x0", "y0", "x1", "y1", "size"]
 ERROR_COLUMNS = ["file", "StudyInstanceUID", "SOPInstanceUID", "reason"]
 META_REQUIRED = ["StudyInstanceUID", "SOPInstanceUID", "path", "slice_index"]
 PARTS = "_parts"
-LUNG_BOX_SLICES = 64  # slices per study used for its lung box (evenly spaced)
 
 
 # --------------------------------------------------------------------------- JPEG helpers
@@ -151,9 +151,6 @@ class _Worker:
         ok = np.zeros(n, dtype=bool)
         errors: list[dict[str, str]] = []
         acc: LungAccumulator | None = None
-        # The lung extent changes smoothly along z: ~LUNG_BOX_SLICES evenly spaced slices give the
-        # same box as all of them at a fraction of the cost.
-        z_step = max(1, n // LUNG_BOX_SLICES)
         for k, (path, si) in enumerate(zip(job.paths, job.slice_indices, strict=True)):
             try:
                 ds = read_dataset(path)
@@ -161,22 +158,24 @@ class _Worker:
                 pixels = read_pixels(ds, path)
                 # Table lookup on the stored values: bit-identical to window_rgb(read_hu(path)).
                 bgr = window_pixels(pixels, slope, intercept, out=self.buffer(pixels.shape), bgr=True)
-                data = _encode_bgr(resize_image(bgr, job.size), params)
-                write_bytes_atomic(study_dir / jpeg_name(si), data)
-                if acc is None:
-                    acc = LungAccumulator(*pixels.shape)
-                if k % z_step == 0 or acc.n_slices == 0:
-                    acc.add_pixels(pixels, slope, intercept)
-                ok[k] = True
-            except Exception as e:  # any decoder failure: log, replace below, never crash the run
+            except Exception as e:  # any unreadable input: log, replace below, never crash the run
                 errors.append({"file": str(path), "StudyInstanceUID": job.study,
                                "SOPInstanceUID": job.sops[k], "reason": f"{type(e).__name__}: {e}"})
+                continue
+            # Outside the try: a failing disk is not a corrupt slice and must stop the run.
+            write_bytes_atomic(study_dir / jpeg_name(si), _encode_bgr(resize_image(bgr, job.size), params))
+            if acc is None:
+                acc = LungAccumulator(*pixels.shape)
+            acc.add_pixels(pixels, slope, intercept)  # == acc.add(read_hu(path)), as the kernel does
+            ok[k] = True
         err_path = _errors_path(out, job.study)
         if errors:
             write_csv_atomic(pd.DataFrame(errors, columns=ERROR_COLUMNS), err_path)
         elif err_path.exists():
             err_path.unlink()  # stale errors of an earlier (--force) run of this study
         if not ok.any():
+            with contextlib.suppress(OSError):
+                study_dir.rmdir()  # empty
             return {"study": job.study, "status": "failed", "n": n, "replaced": 0, "errors": len(errors)}
         replaced = _replace_bad_slices(study_dir, job.slice_indices, ok)
         assert acc is not None
@@ -260,7 +259,11 @@ def _read_meta(meta: Path | str | pd.DataFrame) -> pd.DataFrame:
         name = str(meta)
         if not Path(meta).exists():
             raise FileNotFoundError(f"{meta}: metadata parquet not found (src/01_parse_metadata.py writes it)")
-        df = pd.read_parquet(meta, columns=None)
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(meta).names
+        # only the columns needed (the train table carries ~30 more)
+        df = pd.read_parquet(meta, columns=[c for c in META_REQUIRED if c in names])
     missing = [c for c in META_REQUIRED if c not in df.columns]
     if missing:
         raise ValueError(f"{name}: metadata lacks columns {missing} (CONTRACTS.md, stage 01)")
@@ -327,7 +330,11 @@ def cache_images(
     """Write the JPEG cache of every slice in ``meta`` (metadata parquet or table) into ``out``.
 
     Resumable: studies whose part file exists are skipped unless ``force``. ``shard=(i, n)``
-    processes only the studies of shard i. Returns (and prints) summary counts.
+    processes only the studies of shard i. Returns (and prints) summary counts; ``seconds`` and
+    ``images_per_s`` are the steady state (pool start-up excluded), ``seconds_with_startup`` all of it.
+
+    ``workers > 1`` starts a ``forkserver`` pool, so a script calling this needs the usual
+    ``if __name__ == "__main__":`` guard (its workers import the main module, as with ``spawn``).
     """
     if size < 8:
         raise ValueError(f"size must be at least 8 pixels, got {size}")

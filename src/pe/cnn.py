@@ -27,7 +27,7 @@ from torch import nn
 
 from pe import paths
 from pe.config import from_dict
-from pe.data import crop_resize, n_channels, stack_neighbors, to_tensor
+from pe.data import crop_resize, n_channels, neighbor_indices, normalize, stack_neighbors, to_uint8_tensor
 from pe.rspect import EXAM_LABELS
 
 log = logging.getLogger(__name__)
@@ -221,13 +221,18 @@ def preprocess_study(images: np.ndarray, cfg: CNNConfig, box: Sequence[float] | 
     the deterministic part of the training dataset."""
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"expected uint8 (n, S, S, 3) slices, got {images.dtype} {images.shape}")
-    idx = range(len(images)) if indices is None else indices
+    idx = list(range(len(images)) if indices is None else indices)
     use_box = box if cfg.crop_lung else None
-    xs = [to_tensor(crop_resize(stack_neighbors(images, int(i), cfg.neighbors), use_box, cfg.img_size))
-          for i in idx]
-    if not xs:
+    # Crop and resize each needed slice once (a slice is a neighbour of up to 2n+1 inputs).
+    resized: dict[int, np.ndarray] = {}
+    for i in idx:
+        for k in neighbor_indices(int(i), len(images), cfg.neighbors):
+            if k not in resized:
+                resized[k] = crop_resize(images[k], use_box, cfg.img_size)
+    if not idx:
         return torch.zeros((0, n_channels(cfg.neighbors), cfg.img_size, cfg.img_size))
-    return torch.stack(xs)
+    x = torch.stack([to_uint8_tensor(stack_neighbors(resized, int(i), cfg.neighbors, len(images))) for i in idx])
+    return normalize(x)
 
 
 @torch.inference_mode()

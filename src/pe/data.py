@@ -47,9 +47,14 @@ def neighbor_indices(center: int, n_slices: int, neighbors: int) -> np.ndarray:
     return np.clip(np.arange(center - neighbors, center + neighbors + 1), 0, n_slices - 1)
 
 
-def stack_neighbors(images: np.ndarray | Sequence[np.ndarray], center: int, neighbors: int) -> np.ndarray:
-    """(S, S, 3·(2n+1)) uint8: the centre slice and its neighbours of a z-ordered study, channels-last."""
-    idx = neighbor_indices(center, len(images), neighbors)
+def stack_neighbors(images: np.ndarray | Sequence[np.ndarray] | dict[int, np.ndarray], center: int,
+                    neighbors: int, n_slices: int | None = None) -> np.ndarray:
+    """(S, S, 3·(2n+1)) uint8: the centre slice and its neighbours of a z-ordered study, channels-last.
+
+    ``images`` may be a dict slice index → image holding at least the needed slices (then give
+    ``n_slices``)."""
+    n = len(images) if n_slices is None else n_slices
+    idx = neighbor_indices(center, n, neighbors)
     return np.concatenate([images[i] for i in idx], axis=-1)
 
 
@@ -81,13 +86,25 @@ def crop_resize(arr: np.ndarray, box: Sequence[int] | None, img_size: int) -> np
     return np.ascontiguousarray(arr)
 
 
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (…, 3k, H, W) → float32 normalised with the ImageNet mean/std of each window.
+
+    The training loop calls this on the device (uint8 batches cost 4x less to move), preprocessing
+    on the CPU; both run this same function."""
+    k = x.shape[-3] // 3
+    mean = torch.tensor(np.tile(IMAGENET_MEAN * 255.0, k), device=x.device).view(-1, 1, 1)
+    std = torch.tensor(np.tile(IMAGENET_STD * 255.0, k), device=x.device).view(-1, 1, 1)
+    return (x.float() - mean) / std
+
+
+def to_uint8_tensor(arr: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3k) → uint8 tensor (3k, H, W)."""
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3k) → float32 (3k, H, W) normalised with the ImageNet mean/std per window."""
-    k = arr.shape[-1] // 3
-    mean = np.tile(IMAGENET_MEAN * 255.0, k)
-    std = np.tile(IMAGENET_STD * 255.0, k)
-    x = (arr.astype(np.float32) - mean) / std
-    return torch.from_numpy(x.transpose(2, 0, 1).copy())
+    """uint8 (H, W, 3k) → float32 (3k, H, W) normalised (:func:`normalize`)."""
+    return normalize(to_uint8_tensor(arr))
 
 
 def build_augment(cfg: CNNConfig) -> A.Compose | None:
@@ -239,27 +256,30 @@ class SliceDataset(Dataset):
         return len(self.table)
 
     def load_stack(self, i: int) -> np.ndarray:
-        """(S, S, C) uint8 of sample i: centre slice and neighbours, read from the cache."""
+        """(img_size, img_size, C) uint8 of sample i: centre slice and neighbours from the cache,
+        each cropped and resized before stacking (cheaper than stacking full-size slices; the
+        result is identical because crop and resize act on each slice's channels separately)."""
         t = self.table
         code, center = int(t.sample_study[i]), int(t.sample_slice[i])
         s0, n = int(t.study_start[code]), int(t.study_len[code])
         idx = neighbor_indices(center, n, self.cfg.neighbors)
-        slices = {}
+        slices: dict[int, np.ndarray] = {}
         for k in idx:  # edge repeats decode once
             if k not in slices:
-                slices[k] = read_rgb(t.cache_dir / t.files[s0 + k].decode())
+                img = read_rgb(t.cache_dir / t.files[s0 + k].decode())
+                box = t.box(code, img.shape[0]) if self.cfg.crop_lung else None
+                slices[k] = crop_resize(img, box, self.cfg.img_size)
         return np.concatenate([slices[k] for k in idx], axis=-1)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """``image`` is uint8 (C, H, W): normalise with :func:`normalize` (the trainer does, on the device)."""
         i, seed = (key, None) if isinstance(key, (int, np.integer)) else key
         arr = self.load_stack(int(i))
-        box = self.table.box(int(self.table.sample_study[i]), arr.shape[0]) if self.cfg.crop_lung else None
-        arr = crop_resize(arr, box, self.cfg.img_size)
         if self.augment is not None:
             if seed is not None:
                 self.augment.set_random_seed(int(seed))
             arr = self.augment(image=arr)["image"]
-        return {"image": to_tensor(arr), "label": torch.tensor(self.table.label[i]),
+        return {"image": to_uint8_tensor(arr), "label": torch.tensor(self.table.label[i]),
                 "exam": torch.from_numpy(self.table.exam[i]), "index": torch.tensor(int(i))}
 
 

@@ -39,7 +39,7 @@ from pe import paths, rspect
 from pe.baselines import max_aggregation_predictions
 from pe.hierarchy import RULE_IDS, check_long, repair_long, summarize_repair
 from pe.io import write_csv_atomic, write_json_atomic
-from pe.metric import Scorer, bce, prior_predictions, score
+from pe.metric import Scorer, bce, match_ids, prior_predictions, score
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "image": (rspect.IMAGE_LABEL,),
@@ -108,6 +108,23 @@ def read_member_oof(exp_dir: str | Path) -> pd.DataFrame:
     return out
 
 
+def labels_in_order(frame: pd.DataFrame, order: np.ndarray, what: str) -> np.ndarray:
+    """``frame``'s labels in the order of the ids ``order``; EnsembleError naming ``what`` unless
+    the id sets are equal. (pyarrow hashing via :func:`pe.metric.match_ids`: pandas' ``isin`` on
+    arrow strings is a Python loop, minutes at RSPECT scale.)"""
+    try:
+        pos = match_ids(frame["id"], order)
+    except ValueError as e:
+        raise EnsembleError(f"{what}: {e}") from e
+    found = pos >= 0
+    if not found.all() or found.sum() != len(frame):
+        missing = np.asarray(order, dtype=object)[~found]
+        extra = len(frame) - int(found.sum())
+        raise EnsembleError(f"{what}: id set differs ({len(missing)} missing e.g. {missing[:3].tolist()}, "
+                            f"{extra} extra)")
+    return frame["label"].to_numpy(dtype=float)[pos]
+
+
 def to_space(p: np.ndarray, mode: str) -> np.ndarray:
     """Probabilities → the averaging space of ``mode`` (identity or logit of clipped p)."""
     if mode == "prob":
@@ -132,20 +149,11 @@ def average_long(frames: Sequence[pd.DataFrame], mode: str = "prob", weights: Se
     """Weighted average of ``id,label`` frames with identical id sets, in probability or logit space."""
     if not frames:
         raise EnsembleError(f"{what}: nothing to average")
-    ids = frames[0]["id"].to_numpy()
-    order = pd.Index(ids)
+    ids = frames[0]["id"].to_numpy(dtype=object)
     w = np.full(len(frames), 1 / len(frames)) if weights is None else np.asarray(weights, dtype=float)
     acc = np.zeros(len(ids))
     for i, f in enumerate(frames):
-        if len(f) != len(order) or not order.equals(pd.Index(f["id"])):
-            s = f.set_index("id")["label"]
-            if len(s) != len(order) or not s.index.isin(order).all():
-                missing = order.difference(s.index)[:3].tolist()
-                extra = s.index.difference(order)[:3].tolist()
-                raise EnsembleError(f"{what}: frame {i} has a different id set (missing {missing}, extra {extra})")
-            lab = s.reindex(order).to_numpy(dtype=float)
-        else:
-            lab = f["label"].to_numpy(dtype=float)
+        lab = labels_in_order(f, ids, f"{what}: frame {i}")
         acc += w[i] * to_space(lab, mode)
     return pd.DataFrame({"id": ids, "label": np.clip(from_space(acc, mode), 0.0, 1.0)})
 
@@ -265,26 +273,15 @@ def align_members(oofs: Mapping[str, pd.DataFrame], truth: pd.DataFrame) -> Blen
     except ValueError as e:
         raise EnsembleError(f"member {names[0]}: {e}") from e
     ids = scorer.all_ids
-    order = pd.Index(ids)
-    cols = []
-    for name in names:
-        frame = oofs[name]
-        idx = pd.Index(frame["id"])
-        if len(idx) != len(order) or not idx.isin(order).all():
-            missing = order.difference(idx)
-            extra = idx.difference(order)
-            raise EnsembleError(f"member {name}: id set differs from the ids of member {names[0]}'s studies "
-                                f"({len(missing)} missing e.g. {missing[:3].tolist()}, "
-                                f"{len(extra)} extra e.g. {extra[:3].tolist()})")
-        ip, ep = scorer.align(pd.DataFrame({"id": idx.to_numpy(dtype=object), "label": frame["label"].to_numpy()}))
-        cols.append(np.concatenate([ip, ep.ravel()]))
+    cols = [labels_in_order(oofs[name], ids, f"member {name} (vs the ids of member {names[0]}'s studies)")
+            for name in names]
     n_img, n_st = scorer.n_images, scorer.n_studies
     exam_w = np.asarray(rspect.EXAM_WEIGHT_VECTOR, dtype=np.float64)
     row_group = np.concatenate([np.full(n_img, "image", dtype=object),
                                 np.tile(group_of_labels(np.array(rspect.EXAM_LABELS, dtype=object)), n_st)])
     return BlendData(
         ids=ids, members=names, P=np.column_stack(cols),
-        folds=first.set_index("id")["fold"].reindex(order).to_numpy(),
+        folds=first["fold"].to_numpy()[match_ids(first["id"], ids)],
         y=np.concatenate([scorer.image_truth, scorer.exam_truth.ravel()]),
         rw=np.concatenate([scorer.image_weight, np.tile(exam_w, n_st)]),
         groups=row_group,
@@ -395,22 +392,16 @@ def blend_long(members: Mapping[str, pd.DataFrame], spec: Mapping[str, Any]) -> 
     mode = spec["mode"]
     if set(spec["groups"]) != set(GROUPS):
         raise EnsembleError(f"blend spec has groups {sorted(spec['groups'])}, expected {sorted(GROUPS)}")
-    first = members[names[0]]
-    order = pd.Index(first["id"])
-    cols = []
-    for n in names:
-        s = members[n].set_index("id")["label"]
-        if len(s) != len(order) or not s.index.isin(order).all():
-            raise EnsembleError(f"member {n}: id set differs from member {names[0]}")
-        cols.append(s.reindex(order).to_numpy(dtype=float))
+    order = members[names[0]]["id"].to_numpy(dtype=object)
+    cols = [labels_in_order(members[n], order, f"member {n} (vs member {names[0]})") for n in names]
     X = to_space(np.column_stack(cols), mode)
-    groups = group_of_labels(label_of_ids(order.to_numpy()))
+    groups = group_of_labels(label_of_ids(order))
     out = np.empty(len(order))
     for g, gs in spec["groups"].items():
         gm = groups == g
         if gm.any():
             out[gm] = blend(X[gm], np.array([gs["weights"][n] for n in names], dtype=float), mode)
-    return pd.DataFrame({"id": order.to_numpy(), "label": out})
+    return pd.DataFrame({"id": order, "label": out})
 
 
 def equal_spec(members: Sequence[str], mode: str = "prob") -> dict[str, Any]:

@@ -10,8 +10,9 @@ papers/condrea2023_anatomically_aware_dual_hop.txt also helped. A threshold rule
 4. per study, a grid pixel counts when it is lung in at least ``min_slices_frac`` of the slices;
    the box of those pixels gets a margin of ``margin`` × the image size and is clamped to the image.
 
-Masks are computed on a coarse grid (every ``stride``-th pixel, ~128 px per side), which is
-plenty for a box and costs a fraction of a millisecond per slice. A study without any lung air
+Masks are computed on a coarse grid (every ``stride``-th pixel, ~64 px per side), which is plenty
+for a box and costs about 0.1 ms per slice, so every slice of the study is used (the cache and the
+Kaggle kernel then get the same box from the same slices). A study without any lung air
 gets the whole image as its box (cropping to it is then a no-op).
 """
 
@@ -23,9 +24,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from pe.dicom import hu_from_pixels
+
 BODY_HU = -500.0  # above: soft tissue, blood, bone (lung parenchyma is about -900 to -500)
 AIR_HU = -400.0  # below, inside the body: aerated lung (plus partial-volume edges)
-GRID = 128  # target grid side for the masks
+GRID = 64  # grid side for the masks: 8 px steps on a 512² slice, ample for a box with a 5 % margin
 
 
 def grid_stride(rows: int, cols: int) -> int:
@@ -84,8 +87,8 @@ class LungAccumulator:
         """Same as :meth:`add` from stored pixels, converting only the grid pixels to HU."""
         if pixels.shape != (self.rows, self.cols):
             return
-        grid = pixels[:: self.stride, :: self.stride].astype(np.float64) * slope + intercept
-        self.counts += slice_lung_mask(grid)
+        # hu_from_pixels is elementwise: these are exactly read_hu's values at the grid pixels.
+        self.counts += slice_lung_mask(hu_from_pixels(pixels[:: self.stride, :: self.stride], slope, intercept))
         self.n_slices += 1
 
     def box(self, size: int, margin: float = 0.05, min_slices_frac: float = 0.02) -> tuple[int, int, int, int]:

@@ -377,6 +377,7 @@ class ExplainedSlice:
     cam: np.ndarray  # (H, W) Grad-CAM in [0, 1]
     ig: np.ndarray | None = None  # (H, W) integrated gradients in [0, 1]
     boxes: np.ndarray | None = None  # (m, 4) x0, y0, x1, y1 in input pixels; None when unknown
+    logit_drop: float | None = None  # PE logit minus the logit with the emboli filled in (fill_boxes)
 
 
 def load_embolus_boxes(data_dir: Path | None = None) -> pd.DataFrame | None:
@@ -431,17 +432,20 @@ def study_folds() -> pd.Series | None:
 
 def explain_slices(cnn_exp: str, targets: pd.DataFrame, fold_of: pd.Series,
                    boxes: pd.DataFrame | None, shapes: pd.DataFrame | None, ig: bool = False,
-                   ig_steps: int = 32, device: str = "cpu", batch_size: int = 16) -> list[ExplainedSlice]:
+                   ig_steps: int = 32, device: str = "cpu", batch_size: int = 16,
+                   cam_layer: str | None = None) -> list[ExplainedSlice]:
     """Grad-CAM (and optionally integrated gradients) for ``targets`` (columns SOPInstanceUID,
     StudyInstanceUID, prob). Each study is explained by the model of its own validation fold
-    (``work/models/<cnn_exp>/fold<k>/best.pt``), so no map comes from a model that saw the study."""
+    (``work/models/<cnn_exp>/fold<k>/best.pt``), so no map comes from a model that saw the study.
+    ``cam_layer``: dotted name of the module whose output Grad-CAM uses (default the model's
+    ``gradcam_layer``, the last feature map; an earlier block gives finer but less semantic maps)."""
     import torch
     from tqdm import tqdm
 
     from pe.cache import load_boxes, load_index, load_study_images
     from pe.cnn import load_cnn, preprocess_study, resolve_paths
     from pe.data import clip_box
-    from pe.explain import boxes_to_input_frame, grad_cam, integrated_gradients
+    from pe.explain import boxes_to_input_frame, fill_boxes, grad_cam, integrated_gradients, logit_of
 
     dev = torch.device(device)
     out: list[ExplainedSlice] = []
@@ -456,7 +460,14 @@ def explain_slices(cnn_exp: str, targets: pd.DataFrame, fold_of: pd.Series,
             continue
         model, cfg = load_cnn(ckpt, dev)
         model.eval()
-        layer = getattr(model, "gradcam_layer", None)
+        if cam_layer:
+            try:
+                layer = model.get_submodule(cam_layer)
+            except AttributeError as e:
+                names = [n for n, _ in model.named_modules() if n.count(".") <= 2][:40]
+                raise ValueError(f"{ckpt}: no module {cam_layer!r} in the CNN; e.g. {names}") from e
+        else:
+            layer = getattr(model, "gradcam_layer", None)
         if layer is None:
             raise AttributeError(f"{ckpt}: the CNN has no gradcam_layer attribute")
         cache_dir = resolve_paths(cfg)[0]
@@ -481,15 +492,24 @@ def explain_slices(cnn_exp: str, targets: pd.DataFrame, fold_of: pd.Series,
             igs = (np.concatenate([integrated_gradients(model, xb, steps=ig_steps) for xb in x.split(batch_size)])
                    if ig else None)
             h, w = x.shape[-2:]
-            for j, r in enumerate(ts.itertuples(index=False)):
+            frame_boxes: list[np.ndarray | None] = []
+            for r in ts.itertuples(index=False):
                 sop = str(getattr(r, SOP))
                 b = None
                 if by_box is not None and shapes is not None and sop in by_box and sop in shapes.index:
                     rc = (int(shapes.at[sop, "rows"]), int(shapes.at[sop, "columns"]))
                     b = boxes_to_input_frame(by_box[sop], rc, images.shape[1], crop, (int(h), int(w)))
-                out.append(ExplainedSlice(sop=sop, study=study, fold=fold, prob=float(r.prob),
+                frame_boxes.append(b)
+            drops: list[float | None] = [None] * len(frame_boxes)
+            if any(b is not None and len(b) for b in frame_boxes):
+                with torch.no_grad():
+                    delta = (logit_of(model(x)) - logit_of(model(fill_boxes(x, frame_boxes)))).cpu().numpy()
+                drops = [float(d) if b is not None and len(b) else None for d, b in zip(delta, frame_boxes, strict=True)]
+            for j, r in enumerate(ts.itertuples(index=False)):
+                out.append(ExplainedSlice(sop=str(getattr(r, SOP)), study=study, fold=fold, prob=float(r.prob),
                                           image=x[j, centre].cpu().numpy(), cam=cams[j],
-                                          ig=None if igs is None else igs[j], boxes=b))
+                                          ig=None if igs is None else igs[j], boxes=frame_boxes[j],
+                                          logit_drop=drops[j]))
     return out
 
 
@@ -603,7 +623,7 @@ def select_explained(ev: Evaluation, cnn_probs: pd.Series | None, boxes: pd.Data
 def build_report(exp: str, out_dir: str | Path | None = None, cnn_exp: str | None = None,
                  n_studies: int = 6, n_cams: int = 8, ig: bool = False, ig_steps: int = 32,
                  max_pointing: int = 256, device: str = "cpu", truth_path: str | Path | None = None,
-                 explain: bool = True) -> dict[str, Any]:
+                 explain: bool = True, cam_layer: str | None = None) -> dict[str, Any]:
     """Write ``out_dir/index.html`` (default ``reports/<exp>``) with its PNGs and ``report.json``;
     returns the summary written to ``report.json``."""
     out = Path(out_dir) if out_dir is not None else paths.reports_dir() / exp
@@ -661,7 +681,7 @@ def build_report(exp: str, out_dir: str | Path | None = None, cnn_exp: str | Non
                           for r in rows], table_id="studies-table", digits=4))))
 
     sections.append(("Explanation maps", _explanations(ev, cnn_exp, cnn_probs, out, summary, n_cams, ig, ig_steps,
-                                                        max_pointing, device) if explain else
+                                                        max_pointing, device, cam_layer) if explain else
                      "<p>explanation maps not requested</p>"))
     if notes:
         sections.append(("Notes", "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"))
@@ -672,7 +692,8 @@ def build_report(exp: str, out_dir: str | Path | None = None, cnn_exp: str | Non
 
 
 def _explanations(ev: Evaluation, cnn_exp: str, cnn_probs: pd.Series | None, out: Path, summary: dict[str, Any],
-                  n_cams: int, ig: bool, ig_steps: int, max_pointing: int, device: str) -> str:
+                  n_cams: int, ig: bool, ig_steps: int, max_pointing: int, device: str,
+                  cam_layer: str | None = None) -> str:
     notes: list[str] = summary["notes"]
     # The CNN's own OOF files say which fold model did not see a study; folds.csv is the fallback.
     fold_of = cnn_oof_folds(cnn_exp)
@@ -693,14 +714,16 @@ def _explanations(ev: Evaluation, cnn_exp: str, cnn_probs: pd.Series | None, out
     if targets.empty:
         notes.append("no positive slice in a study with a validation fold: explanation maps skipped")
         return "<p>no positive slices: skipped</p>"
-    slices = explain_slices(cnn_exp, targets, fold_of, boxes, shapes, ig=ig, ig_steps=ig_steps, device=device)
+    slices = explain_slices(cnn_exp, targets, fold_of, boxes, shapes, ig=ig, ig_steps=ig_steps, device=device,
+                            cam_layer=cam_layer)
+    summary["cam_layer"] = cam_layer or "gradcam_layer (last feature map)"
     shown = sorted((x for x in slices if x.sop in display), key=lambda x: -x.prob)
     parts = []
     if shown:
         plot_maps(shown, out / "maps.png")
         parts.append("<p class='note'>Most confident true-positive slices (stage-1 CNN probability), each "
-                     "explained by the fold model that did not train on it. Grad-CAM (shi2020 eqs. 1–2) over "
-                     "the PE-window channel of the centre slice; green: true embolus boxes; white cross: map "
+                     "explained by the fold model that did not train on it. Grad-CAM (shi2020 eqs. 1–2) on "
+                     f"<code>{html.escape(summary['cam_layer'])}</code>, over the PE-window channel of the centre slice; green: true embolus boxes; white cross: map "
                      "peak.</p>" + img("maps.png", "explanation maps"))
     results = pointing_results([x for x in slices if x.sop in pointing])
     summary["pointing_game"] = {k: vars(r) for k, r in results.items()}
@@ -714,6 +737,20 @@ def _explanations(ev: Evaluation, cnn_exp: str, cnn_probs: pd.Series | None, out
                                   [[k, r.n, r.hits, r.accuracy, r.chance,
                                     r.accuracy / r.chance if r.chance > 0 else float("nan")]
                                    for k, r in results.items()], table_id="pointing-table", digits=4))
+        drops = np.array([x.logit_drop for x in slices if x.sop in pointing and x.logit_drop is not None])
+        if len(drops):
+            occ = {"n": int(len(drops)), "mean_logit_drop": float(drops.mean()),
+                   "share_dropping": float((drops > 0).mean())}
+            summary["occlusion"] = occ
+            print(f"emboli filled in: PE logit drops by {occ['mean_logit_drop']:+.3f} on average, "
+                  f"on {occ['share_dropping']:.0%} of {occ['n']} slices")
+            parts.append("<p class='note'>Occlusion check: each embolus box painted over with the "
+                         "surrounding artery's contrast (90th percentile of the box grown by 3 px). A model "
+                         "that detects the emboli themselves loses PE logit; one that relies on context "
+                         "does not, and then no explanation map can point at the emboli.</p>"
+                         + html_table(["slices", "mean PE-logit drop", "share of slices whose logit drops"],
+                                      [[occ["n"], occ["mean_logit_drop"], occ["share_dropping"]]],
+                                      table_id="occlusion-table", digits=4))
     elif boxes is None:
         parts.append("<p class='note'>No embolus boxes in the data (train_boxes.csv): no pointing game.</p>")
     return "\n".join(parts)

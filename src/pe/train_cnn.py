@@ -18,6 +18,7 @@ negative slice of a positive study they would be noise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -38,11 +39,19 @@ from tqdm import tqdm
 from pe import paths
 from pe.cnn import CNNConfig, build_model, resolve_paths
 from pe.config import save_config, to_dict
-from pe.data import EpochBatchSampler, SliceDataset, SliceTable, build_augment, build_slice_table, shard_batches, \
-    worker_init_fn
+from pe.data import (
+    EpochBatchSampler,
+    SliceDataset,
+    SliceTable,
+    build_augment,
+    build_slice_table,
+    normalize,
+    shard_batches,
+    worker_init_fn,
+)
 from pe.distributed import DistEnv, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from pe.folds import check_folds, load_folds
-from pe.io import atomic_path, write_parquet_atomic, write_text_atomic
+from pe.io import append_jsonl, atomic_path, write_parquet_atomic, write_text_atomic
 from pe.rspect import EXAM_LABELS, NEGATIVE_LABELS, SOP, STUDY
 
 POSITIVE_ONLY_MASK = torch.tensor([lab not in NEGATIVE_LABELS for lab in EXAM_LABELS])
@@ -260,8 +269,6 @@ class Trainer:
             if improved:
                 self._save("best.pt", state)
             if env.is_main:
-                from pe.io import append_jsonl
-
                 append_jsonl(self.run_dir / "metrics.jsonl", record)
                 print(self._summary(record, improved), flush=True)
             self._save("last.pt", state)
@@ -298,14 +305,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         try:
             for b, batch in enumerate(bar, start=start_step * cfg.accum_steps):
-                x = batch["image"].to(self.device, non_blocking=True)
+                x = normalize(batch["image"].to(self.device, non_blocking=True))
                 if self.cuda and cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 y = batch["label"].to(self.device)
                 last_micro = (b + 1) % cfg.accum_steps == 0 or b + 1 == n_batches
                 if log_file is not None:
                     log_file.write("".join(f"{epoch}\t{ds.table.sample_sop[i]}\n" for i in batch["index"].tolist()))
-                sync = model.no_sync() if (env.distributed and not last_micro) else _null()
+                sync = model.no_sync() if (env.distributed and not last_micro) else contextlib.nullcontext()
                 with sync:
                     with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
                         out = model(x)
@@ -357,7 +364,7 @@ class Trainer:
         idx_parts, prob_parts = [], []
         for batch in tqdm(loader, total=len(batches), desc="val", leave=False,
                           disable=not (env.is_main and cfg.progress), dynamic_ncols=True):
-            x = batch["image"].to(self.device, non_blocking=True)
+            x = normalize(batch["image"].to(self.device, non_blocking=True))
             if self.cuda and cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
@@ -375,14 +382,6 @@ class Trainer:
         frame["prob"] = prob[order].astype(np.float32)
         frame["label"] = frame.pop("pe_present_on_image")
         return frame
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def train_fold(cfg: CNNConfig, fold: int, resume: bool = False,

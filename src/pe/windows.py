@@ -12,6 +12,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from pe.dicom import hu_from_pixels
+
 # (center, width) in HU. These are the windows listed in /work/shared/RSPECT.md ("Windows commonly
 # used"), the ones the top RSPECT solutions fed their CNNs: R = lung, G = PE (pulmonary artery
 # contrast), B = mediastinal.
@@ -86,8 +88,6 @@ def window_lut(signed: bool, slope: float, intercept: float, bgr: bool = False) 
     key = (bool(signed), float(slope), float(intercept), bool(bgr))
     lut = _LUTS.get(key)
     if lut is None:
-        from pe.dicom import hu_from_pixels  # local: pe.dicom does not need numba at import
-
         values = np.arange(65536, dtype=np.uint16)
         if signed:
             values = values.view(np.int16)  # index i holds the int16 whose bits are i
@@ -118,8 +118,6 @@ def window_pixels(pixels: np.ndarray, slope: float, intercept: float, out: np.nd
     if pixels.ndim != 2:
         raise ValueError(f"window_pixels expects one 2-D slice, got shape {pixels.shape}")
     if pixels.dtype not in (np.int16, np.uint16):
-        from pe.dicom import hu_from_pixels
-
         return window_rgb(hu_from_pixels(pixels, slope, intercept), out=out, bgr=bgr)
     if out is None:
         out = np.empty((*pixels.shape, 3), dtype=np.uint8)

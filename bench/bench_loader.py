@@ -1,0 +1,110 @@
+"""Benchmark of the CNN stage on this machine's CPU:
+
+1. samples/s the training data loader delivers per worker process at 384 px with one neighbour on
+   each side (3 JPEG reads of a 512 px cache, lung crop, resize, augmentation, normalisation), on a
+   synthetic 512 px cache written to a temporary folder;
+2. the demo config's training steps/s on CPU (forward + backward + AdamW on random inputs);
+3. how many loader workers a GPU needs at the measured rate, for GPU training rates derived from
+   timm's published benchmark (results/benchmark-train-amp-nhwc-pt112-cu113-rtx3090.csv in
+   huggingface/pytorch-image-models: AMP, channels-last, RTX 3090), scaled by pixel count.
+
+    python bench/bench_loader.py [--samples 300] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from pe import paths  # noqa: E402
+from pe.cache import load_boxes, load_index  # noqa: E402
+from pe.cnn import CNNConfig, build_model  # noqa: E402
+from pe.config import load_config  # noqa: E402
+from pe.data import SliceDataset, build_augment, build_slice_table, write_synthetic_cache  # noqa: E402
+
+# timm benchmark (RTX 3090, AMP, NHWC, train step): samples/s at the benchmark's image size.
+GPU_TRAIN_RATES = {  # model: (samples/s, benchmark img size)
+    "tf_efficientnetv2_s": (488.25, 300),
+    "seresnext50_32x4d": (814.69, 224),
+}
+
+
+def loader_rate(cache: dict[str, Path], n: int) -> float:
+    """Samples/s of one worker (this process, one thread): the dataset's __getitem__ at 384 px."""
+    cfg = CNNConfig(img_size=384, neighbors=1, crop_lung=True)
+    table = build_slice_table(pd.read_parquet(cache["meta"]), load_index(cache["cache"]), load_boxes(cache["cache"]),
+                              cache["cache"])
+    ds = SliceDataset(table, cfg, build_augment(cfg))
+    rng = np.random.default_rng(0)
+    keys = [(int(i), int(s)) for i, s in zip(rng.integers(0, len(ds), n), rng.integers(0, 2**31, n), strict=True)]
+    for k in keys[:10]:  # warm-up: imports, OpenCV buffers
+        ds[k]
+    t0 = time.perf_counter()
+    for k in keys:
+        ds[k]
+    return n / (time.perf_counter() - t0)
+
+
+def demo_step_rate(steps: int) -> tuple[float, CNNConfig]:
+    cfg = load_config(CNNConfig, paths.CONFIGS_DIR / "demo.yaml")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model = build_model(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    x = torch.randn(cfg.batch_size, 3 * (2 * cfg.neighbors + 1), cfg.img_size, cfg.img_size)
+    y = (torch.rand(cfg.batch_size) < 0.3).float()
+
+    def step() -> None:
+        out = model(x)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out["logit"], y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps / (time.perf_counter() - t0), cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=300, help="loader samples to time")
+    ap.add_argument("--steps", type=int, default=20, help="demo training steps to time")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"machine: {os.cpu_count()} CPUs, load average {load:.1f} at start")
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        cache = write_synthetic_cache(tmp, n_studies=4, min_slices=30, max_slices=40, size=512, seed=0)
+        print(f"synthetic 512 px cache written in {time.perf_counter() - t0:.1f} s")
+        rate = loader_rate(cache, args.samples)
+    print(f"loader: {rate:.1f} samples/s per worker (384 px, neighbors=1, crop + augmentation, 512 px JPEG cache)")
+    for name, (gpu, size) in GPU_TRAIN_RATES.items():
+        at384 = gpu * (size / 384) ** 2
+        print(f"  {name}: ~{at384:.0f} samples/s at 384 px on an RTX 3090 (timm benchmark {gpu:.0f}/s at {size} px, "
+              f"scaled by pixels) -> needs {math.ceil(at384 / rate)} loader workers")
+    steps, cfg = demo_step_rate(args.steps)
+    print(f"demo model ({cfg.backbone} at {cfg.img_size} px, batch {cfg.batch_size}, {torch.get_num_threads()} thread): "
+          f"{steps:.2f} train steps/s = {steps * cfg.batch_size:.0f} samples/s on CPU")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"load average {load:.1f} at end (other processes slow these figures down)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
