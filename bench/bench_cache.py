@@ -12,7 +12,8 @@
    numpy windowing, cv2.imwrite with OpenCV's defaults.
 
 Prints images/s for all three, the ratios (targets: cache ≥ 80 % of the bound, ≥ 2× naive) and the
-load average, since a shared machine slows everything.
+load average, since a shared machine slows everything; also the CPU time per image of the stages
+and of the cache's workers, which compares the two independently of the machine's load.
 
     python bench/bench_cache.py [--n 3000] [--study-slices 50] [--workers CORES] [--json OUT.json]
 """
@@ -84,45 +85,55 @@ def make_files(root: Path, n: int, study_slices: int, seed: int = 0) -> pd.DataF
     return meta
 
 
-def time_stages(meta: pd.DataFrame, size: int, quality: int, scratch: Path) -> dict[str, float]:
-    """Seconds per image of each worker stage, measured on every file in one process."""
-    paths = meta["path"].tolist()
+STAGES = ("read", "window", "encode", "lungbox", "write")
 
+
+def _clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def time_stages(meta: pd.DataFrame, size: int, quality: int, scratch: Path) -> tuple[dict, dict]:
+    """Seconds per image of each worker stage on every file, in one process: (wall, CPU) per stage."""
+    paths = meta["path"].tolist()
     params = pc._jpeg_params(quality)
-    t = dict.fromkeys(("read", "window", "encode", "lungbox", "write"), 0.0)
+    wall = dict.fromkeys(STAGES, 0.0)
+    cpu = dict.fromkeys(STAGES, 0.0)
     buf = None
     acc = None
     for i, p in enumerate(paths):
-        t0 = time.perf_counter()
+        c0 = _clocks()
         ds = read_dataset(p)
         slope, intercept = rescale(ds)
         px = read_pixels(ds, p)
-        t1 = time.perf_counter()
+        c1 = _clocks()
         if buf is None:
             buf = np.empty((*px.shape, 3), np.uint8)
             acc = LungAccumulator(*px.shape)
         bgr = window_pixels(px, slope, intercept, out=buf, bgr=True)
-        t2 = time.perf_counter()
+        c2 = _clocks()
         data = pc._encode_bgr(pc.resize_image(bgr, size), params)
-        t3 = time.perf_counter()
+        c3 = _clocks()
         acc.add_pixels(px, slope, intercept)
-        t4 = time.perf_counter()
+        c4 = _clocks()
         write_bytes_atomic(scratch / f"{i % 64:04d}.jpg", data)
-        t5 = time.perf_counter()
-        for k, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
-            t[k] += dt
-    return {k: v / len(paths) for k, v in t.items()}
+        c5 = _clocks()
+        for k, a, b in zip(STAGES, (c0, c1, c2, c3, c4), (c1, c2, c3, c4, c5), strict=True):
+            wall[k] += b[0] - a[0]
+            cpu[k] += b[1] - a[1]
+    n = len(paths)
+    return {k: v / n for k, v in wall.items()}, {k: v / n for k, v in cpu.items()}
 
 
-def naive(paths: list[str], scratch: Path) -> float:
-    """Seconds per image of the straightforward single-process version."""
-    t0 = time.perf_counter()
+def naive(paths: list[str], scratch: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds per image of the straightforward single-process version."""
+    w0, c0 = _clocks()
     for i, p in enumerate(paths):
         ds = pydicom.dcmread(p)
         hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
         chans = [np.round(np.clip((hu - (c - w / 2)) / w, 0, 1) * 255).astype(np.uint8) for c, w in WINDOWS.values()]
         cv2.imwrite(str(scratch / f"{i % 64:04d}.jpg"), np.dstack(chans[::-1]))  # BGR for OpenCV
-    return (time.perf_counter() - t0) / len(paths)
+    w1, c1 = _clocks()
+    return (w1 - w0) / len(paths), (c1 - c0) / len(paths)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tmp", type=Path, default=None, help="folder for the generated files (default: a temp dir)")
     args = ap.parse_args(argv)
     cores = args.workers
+    cv2.setNumThreads(1)  # as in the cache's workers: the stages are timed on one core each
     root = Path(tempfile.mkdtemp(prefix="bench_cache_", dir=args.tmp))
     try:
         load0 = os.getloadavg()
@@ -153,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         pc.cache_images(meta.head(100), root / "warm", size=args.size, quality=args.quality,
                         workers=cores, progress=False)
 
-        stages = time_stages(meta, args.size, args.quality, scratch)
+        stages, cpu_stages = time_stages(meta, args.size, args.quality, scratch)
         per_image = stages["read"] + stages["window"] + stages["encode"]
         bound = cores / per_image
         bound_all = cores / sum(stages.values())
@@ -161,26 +173,38 @@ def main(argv: list[str] | None = None) -> int:
         summary = pc.cache_images(meta, root / "cache", size=args.size, quality=args.quality, workers=cores,
                                   progress=False)
         cache_rate = summary["slices_written"] / summary["seconds"]
+        cpu_cache = summary["worker_cpu_seconds"] / summary["slices_written"]
 
-        naive_rate = 1.0 / naive(paths[: args.naive_n], scratch)
+        naive_wall, naive_cpu = naive(paths[: args.naive_n], scratch)
+        naive_rate = 1.0 / naive_wall
         load1 = os.getloadavg()
 
+        # Load-independent view: CPU seconds per image. On a machine with the cores to itself the
+        # cache would run at cores / cpu_cache; the issue's bound in CPU terms is cores / cpu(3 stages).
+        cpu3 = cpu_stages["read"] + cpu_stages["window"] + cpu_stages["encode"]
         res = {
             "n_images": len(paths), "cores": cores, "size": args.size, "quality": args.quality,
             **{f"stage_{k}_per_s_per_core": round(1 / v, 1) for k, v in stages.items()},
+            **{f"stage_{k}_cpu_ms": round(1e3 * v, 3) for k, v in cpu_stages.items()},
             "bound_images_per_s": round(bound, 1), "bound_all_stages_images_per_s": round(bound_all, 1),
             "cache_images_per_s": round(cache_rate, 1), "naive_images_per_s": round(naive_rate, 1),
             "cache_over_bound": round(cache_rate / bound, 3), "cache_over_naive": round(cache_rate / naive_rate, 2),
+            "cpu_ms_per_image_cache": round(1e3 * cpu_cache, 3), "cpu_ms_per_image_naive": round(1e3 * naive_cpu, 3),
+            "cpu_bound_over_cache_cpu": round(cpu3 / cpu_cache, 3),
             "load_average_before": round(load0[0], 2), "load_average_after": round(load1[0], 2),
         }
-        print("per-stage speed, one core (images/s): " + ", ".join(
-            f"{k} {1 / v:,.0f}" for k, v in stages.items()))
+        print("per-stage speed, one core (images/s): " + ", ".join(f"{k} {1 / v:,.0f}" for k, v in stages.items()))
         print(f"bound = {cores} cores / (read + window + encode) = {bound:,.0f} images/s "
               f"(with lung box + file write: {bound_all:,.0f})")
         print(f"cache (workers={cores}):     {cache_rate:,.0f} images/s = {cache_rate / bound:.0%} of the bound "
               f"({cache_rate / bound_all:.0%} of the all-stage bound)  [target >= 80 %]")
         print(f"naive (1 process, 4:2:0): {naive_rate:,.0f} images/s; cache / naive = {cache_rate / naive_rate:.2f}x"
               f"  [target >= 2x]")
+        print("CPU ms per image (independent of the machine's load): stages " + ", ".join(
+            f"{k} {1e3 * v:.2f}" for k, v in cpu_stages.items()))
+        print(f"  cache worker {1e3 * cpu_cache:.2f} ms vs read + window + encode {1e3 * cpu3:.2f} ms: with its cores "
+              f"to itself the cache would reach {cpu3 / cpu_cache:.0%} of the bound, {cores / cpu_cache:,.0f} images/s, "
+              f"{naive_cpu * cores / cpu_cache:.1f}x naive ({1e3 * naive_cpu:.2f} ms)")
         print(f"load average (1 min) before {load0[0]:.2f}, after {load1[0]:.2f} on {os.cpu_count()} CPUs")
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)

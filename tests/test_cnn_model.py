@@ -66,3 +66,15 @@ def test_load_cnn_and_infer_study_match_the_model(tmp_path: Path) -> None:
     np.testing.assert_allclose(emb, out["embedding"].numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="uint8"):
         preprocess_study(images.astype(np.float32), cfg)
+
+
+def test_sampling_prior_is_undone_in_the_logit() -> None:
+    """Oversampling positives x2 and keeping 20 % of negatives multiplies the odds by 10 in
+    training; the model's logit subtracts log(10) so probabilities follow the real prevalence."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 9, 48, 48)
+    plain = build_model(CNNConfig(**TINY)).eval()
+    shifted = build_model(CNNConfig(**TINY, pos_oversample=2.0, neg_per_epoch_frac=0.2)).eval()
+    shifted.load_state_dict({k: v for k, v in plain.state_dict().items() if k != "logit_offset"}, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(shifted(x)["logit"], plain(x)["logit"] - np.log(10.0), rtol=0, atol=1e-5)

@@ -25,8 +25,8 @@ from pe.train_cnn import SimulatedCrash, lr_factor, train_fold
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A timm test-size EfficientNet on small inputs: seconds per epoch on one CPU thread.
-FAST = ["backbone=test_efficientnet", "drop_path_rate=0", "num_workers=0", "threads=1", "progress=false",
+# The demo backbone (timm test-size ResNet) on small inputs: seconds per epoch on one CPU thread.
+FAST = ["drop_path_rate=0", "num_workers=0", "threads=1", "progress=false",
         "val_batch_size=64", "aug_cutout_p=0"]
 
 

@@ -110,3 +110,11 @@ def test_config_rejects_unknown_keys_and_bad_types(tmp_path: Path) -> None:
         config.load_config(_Cfg, None, ["epochs"])
     with pytest.raises(config.ConfigError, match="not found"):
         config.load_config(_Cfg, tmp_path / "missing.yaml")
+
+
+def test_write_bytes_atomic_replaces_whole_file(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b.jpg"
+    io.write_bytes_atomic(target, b"first")
+    io.write_bytes_atomic(target, b"second")
+    assert target.read_bytes() == b"second"
+    assert [p.name for p in target.parent.iterdir()] == ["b.jpg"]

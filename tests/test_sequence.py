@@ -300,3 +300,23 @@ def test_leaking_embeddings_are_rejected(synthetic_tree: dict[int, list[StudySeq
     _write_embeddings("synth", 2, "train", synthetic_tree[1])
     with pytest.raises(ValueError, match="leak"):
         load_fold_data(cfg, 0, load_train_labels())
+
+
+def test_max_aggregation_baseline_rows() -> None:
+    # training exams: 2 positive (1 central, both rv/lv >= 1), 2 negative (1 indeterminate)
+    exams = pd.DataFrame(0.0, index=range(4), columns=list(EXAM_LABELS))
+    exams.loc[0, ["central_pe", "rv_lv_ratio_gte_1"]] = 1
+    exams.loc[1, ["leftsided_pe", "rv_lv_ratio_gte_1"]] = 1
+    exams.loc[2, "indeterminate"] = 1
+    exams.loc[3, "negative_exam_for_pe"] = 1
+    train_truth = pd.concat([exams.assign(**{STUDY: [f"tr{i}" for i in range(4)], SOP: [f"x{i}" for i in range(4)],
+                                             IMAGE_LABEL: 0.0})], ignore_index=True)
+    index = pd.DataFrame({STUDY: ["a", "a", "a", "b"], SOP: ["a0", "a1", "a2", "b0"], "prob": [0.1, 0.8, 0.3, 0.2]})
+    got = max_aggregation_predictions(index, train_truth).set_index("id")["label"]
+    assert len(got) == 4 + 2 * 9
+    np.testing.assert_allclose(got[["a0", "a1", "a2", "b0"]], [0.1, 0.8, 0.3, 0.2])
+    assert got["a_central_pe"] == pytest.approx(0.8 * 0.5)
+    assert got["a_rv_lv_ratio_gte_1"] == pytest.approx(0.8)
+    assert got["b_rv_lv_ratio_lt_1"] == pytest.approx(0.0)
+    assert got["a_indeterminate"] == pytest.approx(0.2 * 0.5)
+    assert got["b_negative_exam_for_pe"] == pytest.approx(0.8 * 0.5)

@@ -143,6 +143,7 @@ class _Worker:
         return buf
 
     def run(self, job: _StudyJob) -> dict[str, Any]:
+        cpu0 = time.process_time()
         out = Path(job.out)
         study_dir = out / job.study
         study_dir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +177,8 @@ class _Worker:
         if not ok.any():
             with contextlib.suppress(OSError):
                 study_dir.rmdir()  # empty
-            return {"study": job.study, "status": "failed", "n": n, "replaced": 0, "errors": len(errors)}
+            return {"study": job.study, "status": "failed", "n": n, "replaced": 0, "errors": len(errors),
+                    "cpu": time.process_time() - cpu0}
         replaced = _replace_bad_slices(study_dir, job.slice_indices, ok)
         assert acc is not None
         x0, y0, x1, y1 = acc.box(job.size)
@@ -191,7 +193,8 @@ class _Worker:
             part[name] = np.int32(v)
         part["box_size"] = np.int32(job.size)
         write_parquet_atomic(part, part_path(out, job.study))  # last: marks the study complete
-        return {"study": job.study, "status": "done", "n": n, "replaced": replaced, "errors": len(errors)}
+        return {"study": job.study, "status": "done", "n": n, "replaced": replaced, "errors": len(errors),
+                "cpu": time.process_time() - cpu0}
 
 
 def _replace_bad_slices(study_dir: Path, slice_indices: list[int], ok: np.ndarray) -> int:
@@ -356,7 +359,7 @@ def cache_images(
     # Largest studies first keeps every worker busy to the end.
     jobs.sort(key=lambda j: -len(j.paths))
     n_images = sum(len(j.paths) for j in jobs)
-    counts = {"done": 0, "failed": 0, "slices": 0, "replaced": 0, "errors": 0}
+    counts = {"done": 0, "failed": 0, "slices": 0, "replaced": 0, "errors": 0, "cpu": 0.0}
     failed: list[str] = []
     t_start = t0 = time.perf_counter()
     bar = tqdm(total=n_images, unit="img", desc=f"cache {out.name}", disable=not progress)
@@ -364,6 +367,7 @@ def cache_images(
 
     def _collect(res: dict[str, Any]) -> None:
         counts[res["status"]] += 1
+        counts["cpu"] += res["cpu"]  # worker CPU seconds: the cost per image whatever the machine's load
         counts["errors"] += res["errors"]
         counts["replaced"] += res["replaced"]
         if res["status"] == "done":
@@ -392,7 +396,7 @@ def cache_images(
         "studies_done": counts["done"], "studies_failed": counts["failed"], "failed_studies": failed,
         "slices_written": counts["slices"], "slices_replaced": counts["replaced"],
         "slice_errors": counts["errors"], "seconds": round(seconds, 3),
-        "seconds_with_startup": round(t_end - t_start, 3),
+        "seconds_with_startup": round(t_end - t_start, 3), "worker_cpu_seconds": round(counts["cpu"], 3),
         "images_per_s": round(n_images / seconds, 1) if seconds > 0 and n_images else 0.0,
         **merged,
     }

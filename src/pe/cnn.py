@@ -14,6 +14,7 @@ Public API (used by export, kernel and report stages):
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -109,7 +110,8 @@ def resolve_paths(cfg: CNNConfig) -> tuple[Path, Path, Path]:
 class SliceCNN(nn.Module):
     """timm backbone → pooled embedding → slice logit (and optional 9 exam logits)."""
 
-    def __init__(self, backbone: nn.Module, embedding_dim: int, exam_heads: bool, drop_rate: float) -> None:
+    def __init__(self, backbone: nn.Module, embedding_dim: int, exam_heads: bool, drop_rate: float,
+                 logit_offset: float = 0.0) -> None:
         super().__init__()
         self.backbone = backbone
         # Identity on the last feature map before pooling: a stable hook point for Grad-CAM that
@@ -119,12 +121,17 @@ class SliceCNN(nn.Module):
         self.dropout = nn.Dropout(drop_rate)
         self.head = nn.Linear(embedding_dim, 1)
         self.exam_head = nn.Linear(embedding_dim, len(EXAM_LABELS)) if exam_heads else None
+        # Prior correction: training draws positives pos_oversample times and negatives with
+        # probability neg_per_epoch_frac, which multiplies the odds of a positive by their ratio.
+        # The head learns those shifted odds (the trainer adds the offset back before the loss);
+        # "logit" undoes the shift, so predicted probabilities match the real slice prevalence.
+        self.register_buffer("logit_offset", torch.tensor(float(logit_offset)))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.gradcam_layer(self.backbone.forward_features(x))
         emb = self.backbone.forward_head(feats, pre_logits=True)
         h = self.dropout(emb)
-        out = {"logit": self.head(h).squeeze(1), "embedding": emb}
+        out = {"logit": self.head(h).squeeze(1) - self.logit_offset, "embedding": emb}
         if self.exam_head is not None:
             out["exam_logits"] = self.exam_head(h)
         return out
@@ -188,7 +195,14 @@ def build_model(cfg: CNNConfig) -> SliceCNN:
     if cfg.pretrained_path:
         load_pretrained(backbone, cfg.pretrained_path, in_chans)
     dim = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
-    return SliceCNN(backbone, dim, cfg.exam_heads, cfg.drop_rate)
+    return SliceCNN(backbone, dim, cfg.exam_heads, cfg.drop_rate, sampling_logit_offset(cfg))
+
+
+def sampling_logit_offset(cfg: CNNConfig) -> float:
+    """log of the factor by which epoch sampling multiplies the odds of a positive slice."""
+    if cfg.pos_oversample <= 0 or cfg.neg_per_epoch_frac <= 0:
+        raise ValueError("pos_oversample and neg_per_epoch_frac must be > 0")
+    return math.log(cfg.pos_oversample / min(cfg.neg_per_epoch_frac, 1.0))
 
 
 def config_from_checkpoint(ckpt: dict[str, Any], source: str) -> CNNConfig:

@@ -429,7 +429,8 @@ def read_truth(path: str | Path) -> pd.DataFrame:
     p = Path(path)
     if not p.is_file():
         raise EnsembleError(f"{p}: truth file not found")
-    truth = pd.read_csv(p, dtype={c: str for c in rspect.ID_COLUMNS})
+    # object (not pandas' arrow string) ids: isin/merge on arrow strings fall back to Python loops.
+    truth = pd.read_csv(p, dtype={c: object for c in rspect.ID_COLUMNS})
     missing = [c for c in (rspect.STUDY, rspect.SOP, rspect.IMAGE_LABEL, *rspect.EXAM_LABELS) if c not in truth]
     if missing:
         raise EnsembleError(f"{p}: missing column(s) {missing}")

@@ -298,8 +298,9 @@ def read_study_table(data_dir: Path, split: str, work_dir: Path, workers: int) -
     if not out.is_file():
         parse_metadata(data_dir, split, out, workers=max(1, workers))
     meta = pd.read_parquet(out, columns=[STUDY, SOP, "path", "slice_index"])
-    meta[STUDY] = meta[STUDY].astype(str)
-    meta[SOP] = meta[SOP].astype(str)
+    # object, not pandas' arrow strings: isin/groupby on those fall back to slow Python loops
+    meta[STUDY] = meta[STUDY].astype(str).astype(object)
+    meta[SOP] = meta[SOP].astype(str).astype(object)
     return meta.sort_values([STUDY, "slice_index"], kind="stable").reset_index(drop=True)
 
 
@@ -354,7 +355,7 @@ def _fallback_predictions(data_dir: Path, ids_df: pd.DataFrame) -> pd.DataFrame:
 
     train = data_dir / "train.csv"
     if train.is_file():
-        return prior_predictions(pd.read_csv(train, dtype={c: str for c in rspect.ID_COLUMNS}), ids_df)
+        return prior_predictions(pd.read_csv(train, dtype={c: object for c in rspect.ID_COLUMNS}), ids_df)
     from pe.submission import expected_ids
 
     return pd.DataFrame({"id": expected_ids(ids_df), "label": 0.5})
@@ -378,7 +379,7 @@ def run_inference(cfg: InferenceConfig) -> dict[str, Any]:
     ids_path = data_dir / f"{cfg.split}.csv"
     if not ids_path.is_file():
         raise InferenceError(f"{ids_path}: id table not found")
-    ids_df = pd.read_csv(ids_path, dtype={c: str for c in rspect.ID_COLUMNS})
+    ids_df = pd.read_csv(ids_path, dtype={c: object for c in rspect.ID_COLUMNS})
 
     tmp = None
     work_dir = cfg.work_dir

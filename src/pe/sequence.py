@@ -324,10 +324,11 @@ def load_fold_data(cfg: SeqConfig, fold: int, labels: pd.DataFrame) -> tuple[lis
             seen[it.study] = j
     fpath = Path(cfg.folds_path) if cfg.folds_path else paths.folds_path()
     if fpath.is_file():
-        from pe.folds import load_folds
-
-        fdf = load_folds(fpath)
-        expected = dict(zip(fdf[STUDY].astype(str), fdf["fold"].astype(int), strict=True))
+        # read directly (not pe.folds.load_folds, whose sklearn import costs seconds per process)
+        fdf = pd.read_csv(fpath, dtype={STUDY: str})
+        if not {STUDY, "fold"} <= set(fdf.columns):
+            raise ValueError(f"{fpath}: expected columns StudyInstanceUID, fold; got {list(fdf.columns)}")
+        expected = dict(zip(fdf[STUDY], fdf["fold"].astype(int), strict=True))
         wrong = [s for s, j in seen.items() if expected.get(s) != j]
         if wrong:
             raise ValueError(f"{len(wrong)} studies are embedded under a fold other than theirs in {fpath}, "

@@ -316,7 +316,8 @@ class Trainer:
                 with sync:
                     with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
                         out = model(x)
-                    loss = slice_loss(out["logit"].float(), y, cfg)
+                    # The loss sees the odds of the resampled epoch (see SliceCNN.logit_offset).
+                    loss = slice_loss(out["logit"].float() + self.raw_model.logit_offset, y, cfg)
                     if "exam_logits" in out:
                         loss = loss + cfg.exam_loss_weight * exam_loss(out["exam_logits"], batch["exam"].to(self.device), y)
                     self.scaler.scale(loss / cfg.accum_steps).backward()
