@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in summary["notes"]:
         print(f"note: {note}")
     print(f"report: {summary['index']}")
-    return 0
+    return 1 if "explain_error" in summary else 0
 
 
 if __name__ == "__main__":

@@ -239,6 +239,22 @@ def test_report_fails_clearly_without_predictions(tmp_path: Path, monkeypatch: p
     assert "no oof.csv" in capsys.readouterr().err
 
 
+def test_report_is_written_and_exit_code_is_1_when_the_maps_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    truth_csv, _ = _write_synthetic_experiment(tmp_path, monkeypatch, "ens_syn")
+    studies = pd.read_csv(truth_csv, dtype={STUDY: str})[STUDY].unique()
+    paths.folds_path().parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({STUDY: studies, "fold": np.arange(len(studies)) % 2}).to_csv(paths.folds_path(), index=False)
+    for k in (0, 1):
+        paths.run_dir("broken", k).mkdir(parents=True, exist_ok=True)
+        (paths.run_dir("broken", k) / "best.pt").write_bytes(b"not a checkpoint")
+    out = tmp_path / "r"
+    assert _script("10_report.py").main(["--exp", "ens_syn", "--cnn-exp", "broken", "--out", str(out)]) == 1
+    summary = json.loads((out / "report.json").read_text())
+    assert "best.pt" in summary["explain_error"] or "checkpoint" in summary["explain_error"].lower()
+    assert "failed" in (out / "index.html").read_text()
+    assert (out / "roc.png").is_file()
+
+
 # --- explanation maps on the phantom with a tiny random CNN ---------------------------------------
 @pytest.mark.slow
 def test_report_explains_phantom_slices_with_fold_models(phantom_dir: Path, phantom_meta: dict[str, Path],

@@ -309,8 +309,8 @@ def test_max_aggregation_baseline_rows() -> None:
     exams.loc[1, ["leftsided_pe", "rv_lv_ratio_gte_1"]] = 1
     exams.loc[2, "indeterminate"] = 1
     exams.loc[3, "negative_exam_for_pe"] = 1
-    train_truth = pd.concat([exams.assign(**{STUDY: [f"tr{i}" for i in range(4)], SOP: [f"x{i}" for i in range(4)],
-                                             IMAGE_LABEL: 0.0})], ignore_index=True)
+    train_truth = exams.assign(**{STUDY: [f"tr{i}" for i in range(4)], SOP: [f"x{i}" for i in range(4)],
+                                  IMAGE_LABEL: 0.0})
     index = pd.DataFrame({STUDY: ["a", "a", "a", "b"], SOP: ["a0", "a1", "a2", "b0"], "prob": [0.1, 0.8, 0.3, 0.2]})
     got = max_aggregation_predictions(index, train_truth).set_index("id")["label"]
     assert len(got) == 4 + 2 * 9

@@ -397,10 +397,16 @@ def run_inference(cfg: InferenceConfig) -> dict[str, Any]:
                              f"e.g. {meta.loc[unknown, 'path'].iloc[0]}")
 
     # Models: loaded once, all folds (the fallback only skips folds, it never reloads).
-    cnn_models = {(e, k): load_cnn(run / "best.pt", device) for e, runs in plan.cnn.items()
-                  for k, run in runs.items() if k in plan.folds}
-    seq_models = {(s, k): load_seq_model(run / "best.pt", device) for s, runs in plan.seq.items()
-                  for k, run in runs.items() if k in plan.folds}
+    def load(loader: Any, run: Path) -> Any:
+        try:
+            return loader(run / "best.pt", device)
+        except Exception as e:  # e.g. a checkpoint from another code version: name the file
+            raise InferenceError(f"{run / 'best.pt'}: cannot load ({type(e).__name__}: {e})") from e
+
+    cnn_models = {(e, k): load(load_cnn, run) for e, runs in plan.cnn.items() for k, run in runs.items()
+                  if k in plan.folds}
+    seq_models = {(s, k): load(load_seq_model, run) for s, runs in plan.seq.items() for k, run in runs.items()
+                  if k in plan.folds}
     sizes = {cache_size_of(ccfg) for _, ccfg in cnn_models.values()}
     if cfg.image_size is None and len(sizes) != 1:
         raise InferenceError(f"the CNNs were trained on different cache sizes {sorted(sizes)}: give --image-size")

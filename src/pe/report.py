@@ -458,7 +458,10 @@ def explain_slices(cnn_exp: str, targets: pd.DataFrame, fold_of: pd.Series,
         if not ckpt.is_file():
             log.warning("%s not found: fold %d slices not explained", ckpt, fold)
             continue
-        model, cfg = load_cnn(ckpt, dev)
+        try:
+            model, cfg = load_cnn(ckpt, dev)
+        except Exception as e:  # name the file: torch's messages do not
+            raise RuntimeError(f"{ckpt}: cannot load the CNN checkpoint: {type(e).__name__}: {e}") from e
         model.eval()
         if cam_layer:
             try:
@@ -680,11 +683,23 @@ def build_report(exp: str, out_dir: str | Path | None = None, cnn_exp: str | Non
                          [[r["kind"], r["study"], r["loss"], r["n_slices"], r["truth_pe"], r["p_pe_exam"]]
                           for r in rows], table_id="studies-table", digits=4))))
 
-    sections.append(("Explanation maps", _explanations(ev, cnn_exp, cnn_probs, out, summary, n_cams, ig, ig_steps,
-                                                        max_pointing, device, cam_layer) if explain else
-                     "<p>explanation maps not requested</p>"))
+    if explain:
+        try:
+            maps_html = _explanations(ev, cnn_exp, cnn_probs, out, summary, n_cams, ig, ig_steps, max_pointing,
+                                      device, cam_layer)
+        except Exception as e:
+            # The metric sections stand on their own: write them, say loudly what failed (the CLI
+            # exits non-zero on explain_error).
+            log.exception("explanation maps failed: %s: %s", type(e).__name__, e)
+            summary["explain_error"] = f"{type(e).__name__}: {e}"
+            notes.append(f"explanation maps failed: {summary['explain_error']}")
+            maps_html = f"<p><b>failed</b>: {html.escape(summary['explain_error'])}</p>"
+    else:
+        maps_html = "<p>explanation maps not requested</p>"
+    sections.append(("Explanation maps", maps_html))
     if notes:
         sections.append(("Notes", "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"))
+    sections.append(("Data", "<p>Every number of this page, and more: <a href=\"report.json\">report.json</a>.</p>"))
     summary["index"] = str(out / "index.html")
     write_html(out / "index.html", f"PE report: {exp}", sections)
     write_json_atomic(out / "report.json", summary)

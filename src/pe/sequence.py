@@ -4,7 +4,8 @@ competition metric itself.
 Per slice the input is the embedding, optionally its differences to the previous and next slice
 (the 1st-place team's trick: the change between neighbours is what marks a clot entering or leaving
 the field) and the CNN's slice probability. The whole series is read without truncation; padded
-positions are excluded with packed sequences and masks, so padding never changes an output.
+positions are excluded by per-length reversal (see :class:`BiRNN`) and masks, so padding never
+changes an output (tested to 1e-6).
 
 Heads: one per-slice logit for ``pe_present_on_image``; nine exam logits from attention MIL pooling
 (a_k = softmax_k(wᵀ tanh(V h_k)), z = Σ_k a_k h_k; papers/suman2021_attention_cnn_bilstm_rspect.txt
@@ -115,8 +116,9 @@ class BiRNN(nn.Module):
     Each direction is a unidirectional RNN over padded input: the forward one never sees the
     trailing padding before a real slice, and the backward one runs on each sequence reversed
     *within its own length* (padding stays at the end), then is reversed back. On CPU this is
-    3-5x faster than ``pack_padded_sequence`` (measured in tests/test_sequence.py's set-up: the
-    packed path falls back to step-wise kernels), and it is padding-invariant by construction.
+    3-5x faster than ``pack_padded_sequence`` (measured: batch 32 × 100 slices, hidden 64, forward +
+    backward, LSTM ~130 ms vs ~720 ms, GRU ~360 ms vs ~830 ms on a loaded 2-core CPU), and it is
+    padding-invariant by construction.
     """
 
     def __init__(self, kind: str, input_size: int, hidden: int, layers: int, dropout: float) -> None:
