@@ -225,7 +225,8 @@ def _init_worker() -> None:
     import cv2
 
     cv2.setNumThreads(1)  # one study per process already uses the cores
-    torch.set_num_threads(1)
+    # (no torch call here: the pool is forked after the models were built, and torch's OpenMP pool
+    # is not fork-safe; the workers only decode, window and encode.)
 
 
 def _load_study_job(args: tuple[Any, ...]) -> StudyImages:
@@ -338,7 +339,8 @@ class _Budget:
             return self.levels[self.level]
         proj = self.projected_total(len(self.levels[self.level]))
         if not self.announced:
-            log(f"projected total {proj / 3600:.2f} h for {self.total} slices with {len(self.levels[self.level])} "
+            log(f"projected total {proj / 3600:.2f} h ({proj / 60:.1f} min) for {self.total} slices with "
+                f"{len(self.levels[self.level])} "
                 f"fold model(s) (budget {self.budget_s / 3600:.2f} h, Kaggle limit {KAGGLE_LIMIT_HOURS:.0f} h)")
             self.announced = True
         while proj > self.budget_s and self.level + 1 < len(self.levels):

@@ -390,9 +390,11 @@ def train_fold(cfg: CNNConfig, fold: int, resume: bool = False,
     """Train ``cfg`` on ``fold`` (-1 = all folds) in this process (or as one torchrun rank);
     returns the run folder."""
     env = init_distributed()
+    threads = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     try:
         return Trainer(cfg, fold, env, on_step).fit(resume=resume)
     finally:
+        torch.set_num_threads(threads)  # a caller in the same process (tests) keeps its setting
         cleanup(env)
