@@ -83,7 +83,7 @@ def _train_until(fake: dict[str, Path], root: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("PE_WORK_DIR", str(root / "work"))
     monkeypatch.setenv("PE_OOF_DIR", str(root / "oof"))
     base = ["img_size=32", "epochs=2", "batch_size=8", "neg_per_epoch_frac=0.3", "ema=true", "exam_heads=true",
-            "drop_rate=0.3", "save_every_steps=2", "aug_cutout_p=0.5"]
+            "drop_rate=0.3", "save_every_steps=2", "aug=true", "aug_cutout_p=0.5"]
     return train_fold(_cfg(fake, "resume", base + extra), fold=-1, resume=resume)
 
 
