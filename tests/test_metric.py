@@ -182,9 +182,10 @@ def test_prior_predictions_use_study_means() -> None:
     prior = metric.prior_predictions(truth, target).set_index("id")["label"]
     assert len(prior) == 3 + 2 * 9
     assert prior["t0"] == prior["u0"] == pytest.approx(2 / 5)  # images: 2 positive of 5
-    assert prior["T_central_pe"] == pytest.approx(0.5)  # studies: 1 of 2 (not 4 of 5 image rows)
+    # studies: (1 + 1) / (2 + 2) by the rule of succession (not 4 of 5 image rows)
+    assert prior["T_central_pe"] == pytest.approx(0.5)
     assert prior["U_negative_exam_for_pe"] == pytest.approx(0.5)
-    assert prior["U_chronic_pe"] == 0.0
+    assert prior["U_chronic_pe"] == pytest.approx(1 / 4)  # absent label: never exactly 0
 
 
 def test_calibrated_predictions_beat_prior() -> None:

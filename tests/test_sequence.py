@@ -315,8 +315,9 @@ def test_max_aggregation_baseline_rows() -> None:
     got = max_aggregation_predictions(index, train_truth).set_index("id")["label"]
     assert len(got) == 4 + 2 * 9
     np.testing.assert_allclose(got[["a0", "a1", "a2", "b0"]], [0.1, 0.8, 0.3, 0.2])
-    assert got["a_central_pe"] == pytest.approx(0.8 * 0.5)
-    assert got["a_rv_lv_ratio_gte_1"] == pytest.approx(0.8)
-    assert got["b_rv_lv_ratio_lt_1"] == pytest.approx(0.0)
-    assert got["a_indeterminate"] == pytest.approx(0.2 * 0.5)
-    assert got["b_negative_exam_for_pe"] == pytest.approx(0.8 * 0.5)
+    # frequencies by the rule of succession (k + 1) / (n + 2) over 2 positive / 2 negative exams
+    assert got["a_central_pe"] == pytest.approx(0.8 * 2 / 4)
+    assert got["a_rv_lv_ratio_gte_1"] == pytest.approx(0.8 * 3 / 4)
+    assert got["b_rv_lv_ratio_lt_1"] == pytest.approx(0.2 * 1 / 4)
+    assert got["a_indeterminate"] == pytest.approx(0.2 * 2 / 4)
+    assert got["b_negative_exam_for_pe"] == pytest.approx(0.8 * 2 / 4)

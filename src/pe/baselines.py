@@ -28,14 +28,20 @@ def exam_table(truth: pd.DataFrame) -> pd.DataFrame:
 def conditional_frequencies(train_truth: pd.DataFrame) -> dict[str, float]:
     """P(label | positive exam) for positive-only labels, P(label | negative exam) for the two
     negative labels, over the training exams. An exam is positive when negative_exam_for_pe and
-    indeterminate are both 0 (the hierarchy of RSPECT.md)."""
+    indeterminate are both 0 (the hierarchy of RSPECT.md). Laplace's rule of succession,
+    (k + 1) / (n + 2), as in pe.metric.prior_means: a label absent from small training folds is
+    never predicted as exactly 0 (and an empty group gives 0.5)."""
     exams = exam_table(train_truth)
     neg = (exams[list(NEGATIVE_LABELS)].sum(axis=1) > 0).to_numpy()
+
+    def succession(values: pd.Series) -> float:
+        return float((values.sum() + 1.0) / (len(values) + 2.0))
+
     out: dict[str, float] = {}
     for label in POSITIVE_ONLY_LABELS:
-        out[label] = float(exams.loc[~neg, label].mean()) if (~neg).any() else 0.5
+        out[label] = succession(exams.loc[~neg, label])
     for label in NEGATIVE_LABELS:
-        out[label] = float(exams.loc[neg, label].mean()) if neg.any() else 0.5
+        out[label] = succession(exams.loc[neg, label])
     return out
 
 

@@ -461,16 +461,26 @@ def stage_rows(fit: EnsembleFit, data: BlendData, truth: pd.DataFrame, oof_pred:
     ids_df = truth.loc[truth[rspect.STUDY].isin(studies), list(rspect.ID_COLUMNS)].reset_index(drop=True)
     rows: list[dict[str, Any]] = []
     n_st = len(studies)
-    rows.append({"stage": "prior baseline", "oof_metric": score(prior_predictions(truth, ids_df), truth),
-                 "note": f"training label means, {n_st} studies"})
+    # Baselines are out-of-fold like the members: for each fold, fitted on the other folds' truth.
+    fold_of = pd.Series(data.folds, index=data.study).groupby(level=0).first()
+    priors, maxaggs = [], []
+    for k in sorted(pd.unique(fold_of)):
+        val = set(fold_of.index[fold_of == k])
+        train_truth = truth[truth[rspect.STUDY].isin(set(studies) - val)]
+        priors.append(prior_predictions(train_truth, ids_df[ids_df[rspect.STUDY].isin(val)]))
+        if cnn_oof is not None:
+            sub = cnn_oof[cnn_oof[rspect.STUDY].isin(val)]
+            maxaggs.append(max_aggregation_predictions(sub, train_truth))
+    rows.append({"stage": "prior baseline", "oof_metric": score(pd.concat(priors, ignore_index=True), truth),
+                 "note": f"training-fold label means, {n_st} studies"})
     cnn_score, note = float("nan"), "no CNN OOF found"
     if cnn_oof is not None:
-        sub = cnn_oof[cnn_oof[rspect.STUDY].isin(studies)]
-        if sub[rspect.STUDY].nunique() == n_st:
-            cnn_score = score(max_aggregation_predictions(sub, truth), truth)
-            note = f"{cnn_exp}: exam PE = max slice prob"
+        covered = cnn_oof.loc[cnn_oof[rspect.STUDY].isin(studies), rspect.STUDY].nunique()
+        if covered == n_st:
+            cnn_score = score(pd.concat(maxaggs, ignore_index=True), truth)
+            note = f"{cnn_exp}: exam PE = max slice prob, sub-labels from training folds"
         else:
-            note = f"{cnn_exp}: CNN OOF covers {sub[rspect.STUDY].nunique()}/{n_st} studies"
+            note = f"{cnn_exp}: CNN OOF covers {covered}/{n_st} studies"
     rows.append({"stage": "CNN max-aggregation", "oof_metric": cnn_score, "note": note})
     for name in data.members:
         rows.append({"stage": f"member {name}", "oof_metric": fit.scores[f"members/{name}"], "note": "sequence model"})

@@ -401,9 +401,15 @@ def format_breakdown(bd: dict[str, Any]) -> str:
 # Prior baseline
 # ------------------------------------------------------------------------------------------------
 def prior_means(train_truth: pd.DataFrame) -> tuple[float, np.ndarray]:
-    """(mean image label over all training images, exam label means over training studies)."""
+    """(mean image label over all training images, exam label means over training studies).
+
+    Exam means use Laplace's rule of succession, (positives + 1) / (studies + 2): a label absent
+    from a small training fold (e.g. the one indeterminate exam of a 40-study demo) would otherwise
+    get a prior of exactly 0 and cost 34.5 per held-out positive. On RSPECT's 7,279 studies the
+    correction is below 3e-4 per label."""
     first = train_truth.drop_duplicates(STUDY)
-    return float(train_truth[IMAGE_LABEL].mean()), first[list(EXAM_LABELS)].to_numpy(np.float64).mean(axis=0)
+    counts = first[list(EXAM_LABELS)].to_numpy(np.float64)
+    return float(train_truth[IMAGE_LABEL].mean()), (counts.sum(axis=0) + 1.0) / (len(counts) + 2.0)
 
 
 def prior_predictions(train_truth: pd.DataFrame, target_ids: pd.DataFrame) -> pd.DataFrame:
