@@ -3,9 +3,14 @@ per test worker in a temporary folder (never in the repository's work/)."""
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+
+from pe import paths
 
 SMALL_PHANTOM = dict(train_studies=10, test_studies=3, seed=123, size=128, min_slices=16, max_slices=32)
 
@@ -51,3 +56,19 @@ def phantom_cache(phantom_meta: dict[str, Path], tmp_path_factory: pytest.TempPa
     for split in ("train", "test"):
         cache_images(phantom_meta[split], out, size=128, workers=1)
     return out
+
+
+def _load_script(name: str) -> ModuleType:
+    """Import a numbered script (``src/NN_name.py``: not importable by name) as a module."""
+    path = paths.REPO_ROOT / "src" / name
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), path)
+    assert spec and spec.loader, path
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def load_script() -> Callable[[str], ModuleType]:
+    """``load_script("09_score.py").main([...])`` runs a numbered script in-process."""
+    return _load_script

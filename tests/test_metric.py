@@ -3,7 +3,6 @@ prior baseline and the 09_score.py script."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -195,20 +194,12 @@ def test_calibrated_predictions_beat_prior() -> None:
     assert model < prior - 0.03
 
 
-def _load_script(name: str):  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / "src" / name)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_score_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_score_script(tmp_path: Path, capsys: pytest.CaptureFixture[str], load_script) -> None:
     truth, image_df, exam_df = metric.synthetic_calibrated(15, seed=6, min_images=5, max_images=15)
     truth.to_csv(tmp_path / "train.csv", index=False)
     pred = to_long(image_df, exam_df)
     pred.assign(fold=1).to_csv(tmp_path / "sub.csv", index=False)  # an OOF file's fold column is ignored
-    script = _load_script("09_score.py")
+    script = load_script("09_score.py")
     rc = script.main(["--submission", str(tmp_path / "sub.csv"), "--truth", str(tmp_path / "train.csv"),
                       "--json", str(tmp_path / "s.json"), "--baseline-prior"])
     out = capsys.readouterr().out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -78,15 +77,7 @@ def test_write_read_atomic_and_exact(tmp_path: Path, small: tuple[pd.DataFrame, 
         submission.read_submission(tmp_path / "junk.csv")
 
 
-def _load_script(name: str):  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / "src" / name)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_make_submission_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_make_submission_script(tmp_path: Path, capsys: pytest.CaptureFixture[str], load_script) -> None:
     truth, image_df, exam_df = metric.synthetic_calibrated(30, seed=7, min_images=5, max_images=15)
     test = truth[[STUDY, "SeriesInstanceUID", SOP]]
     test.to_csv(tmp_path / "test.csv", index=False)
@@ -94,7 +85,7 @@ def test_make_submission_script(tmp_path: Path, capsys: pytest.CaptureFixture[st
     pred.to_csv(tmp_path / "pred.csv", index=False)
     assert hierarchy.check_long(pred, test).drop(columns=[STUDY]).to_numpy().any()  # needs repair
 
-    script = _load_script("08_make_submission.py")
+    script = load_script("08_make_submission.py")
     rc = script.main(["--pred", str(tmp_path / "pred.csv"), "--test", str(tmp_path / "test.csv"),
                       "--out", str(tmp_path / "out" / "sub.csv")])
     out = capsys.readouterr().out
