@@ -36,9 +36,6 @@ stage 03_make_folds $PY src/03_make_folds.py --meta "$WORK/meta/train.parquet" -
 for k in "${FOLDS[@]}"; do
   stage 04_train_cnn:fold$k $PY src/04_train_cnn.py --config src/configs/demo.yaml --fold "$k"
 done
-# Stage 04 has just (re)trained every fold, so embeddings of an earlier demo run are stale: 05
-# resumes per study and does not yet check which checkpoint made an existing file.
-rm -rf "$WORK/embeddings/demo"
 for s in train test; do
   stage 05_export_embeddings:$s $PY src/05_export_embeddings.py --exp demo --split $s
 done

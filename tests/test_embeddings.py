@@ -98,6 +98,21 @@ def test_export_is_out_of_fold_ordered_and_resumable(cnn_runs: dict[int, list[st
     pd.testing.assert_frame_equal(pd.read_parquet(d / "index.parquet"), before)
 
 
+def test_retrained_checkpoint_invalidates_stored_embeddings(cnn_runs: dict[int, list[str]]) -> None:
+    from pe.embeddings import export_fold, load_study_embeddings
+
+    study = cnn_runs[0][0]
+    export_fold(EXP, 0, "train", batch_size=16)
+    before, _ = load_study_embeddings(EXP, 0, "train", study)
+    export_fold(EXP, 0, "train", batch_size=16)  # same checkpoint: resumed, nothing changes
+    np.testing.assert_array_equal(load_study_embeddings(EXP, 0, "train", study)[0], before)
+    # "retrain" fold 0: other weights (fold 1's model) under the same best.pt
+    shutil.copy(paths.run_dir(EXP, 1) / "best.pt", paths.run_dir(EXP, 0) / "best.pt")
+    export_fold(EXP, 0, "train", batch_size=16)
+    after, _ = load_study_embeddings(EXP, 0, "train", study)
+    assert after.shape == before.shape and not np.array_equal(after, before)
+
+
 def test_test_split_every_fold_and_errors(cnn_runs: dict[int, list[str]]) -> None:
     from pe.embeddings import export_fold, load_study_embeddings
 

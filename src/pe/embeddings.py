@@ -13,7 +13,10 @@ exist is skipped, so an interrupted export resumes where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from pe import paths
-from pe.io import atomic_path, write_parquet_atomic
+from pe.io import atomic_path, write_parquet_atomic, write_text_atomic
 from pe.rspect import SOP, STUDY
 
 INDEX_COLUMNS = [STUDY, SOP, "slice_index", "prob"]
@@ -73,6 +76,26 @@ def part_path(exp: str, fold: int, split: str, study: str) -> Path:
     return paths.embeddings_dir(exp, fold, split) / "parts" / f"{study}.parquet"
 
 
+def checkpoint_fingerprint(ckpt: Path) -> str:
+    """SHA-256 of a checkpoint's bytes: which model made a folder of embeddings."""
+    h = hashlib.sha256()
+    with open(ckpt, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _discard_if_stale(out_dir: Path, fingerprint: str) -> None:
+    """Resume only what the same checkpoint made: a folder stamped by another best.pt (retrained
+    fold) or not stamped at all is removed before export starts again."""
+    stamp = out_dir / "checkpoint.sha256"
+    if out_dir.exists() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
+        print(f"{out_dir}: made by a different checkpoint; exporting every study again", file=sys.stderr)
+        shutil.rmtree(out_dir)
+    if not stamp.is_file():
+        write_text_atomic(stamp, fingerprint + "\n")
+
+
 def export_fold(exp: str, fold: int, split: str, device: str | torch.device | None = None,
                 batch_size: int = 64) -> Path:
     """Embed the studies of one fold and split (see module docstring); returns the index path."""
@@ -88,6 +111,7 @@ def export_fold(exp: str, fold: int, split: str, device: str | torch.device | No
         raise FileNotFoundError(f"{ckpt}: CNN checkpoint not found (run src/04_train_cnn.py --fold {fold})")
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = paths.embeddings_dir(exp, fold, split)
+    _discard_if_stale(out_dir, checkpoint_fingerprint(ckpt))
     studies = _split_studies(split, fold)
     todo = [s for s in studies if not ((out_dir / f"{s}.npy").is_file() and part_path(exp, fold, split, s).is_file())]
     if todo:
