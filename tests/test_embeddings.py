@@ -3,7 +3,6 @@ strictly out of fold, z order, float16, index beside the arrays, resumable per s
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -44,11 +43,6 @@ def cnn_runs(phantom_meta: dict[str, Path], phantom_cache: Path) -> dict[int, li
     return folds
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name[:-3], ROOT / "src" / name)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
 
 
 def test_export_is_out_of_fold_ordered_and_resumable(cnn_runs: dict[int, list[str]], phantom_cache: Path,
@@ -113,10 +107,10 @@ def test_retrained_checkpoint_invalidates_stored_embeddings(cnn_runs: dict[int, 
     assert after.shape == before.shape and not np.array_equal(after, before)
 
 
-def test_test_split_every_fold_and_errors(cnn_runs: dict[int, list[str]]) -> None:
+def test_test_split_every_fold_and_errors(load_script, cnn_runs: dict[int, list[str]]) -> None:
     from pe.embeddings import export_fold, load_study_embeddings
 
-    script = _script("05_export_embeddings.py")
+    script = load_script("05_export_embeddings.py")
     assert script.main(["--exp", EXP, "--split", "test", "--batch-size", "32"]) == 0
     test_meta = pd.read_parquet(paths.meta_path("test"))
     for k in (-1, 0, 1):  # the full fit predicts the test set too

@@ -4,12 +4,10 @@ with the pointing game."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from html.parser import HTMLParser
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pandas as pd
@@ -22,12 +20,6 @@ from pe.rspect import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY, TRAIN_COLUMNS
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def _script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name.replace(".py", ""), SRC / name)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # --- fixtures -----------------------------------------------------------------------------------
@@ -189,11 +181,11 @@ def _write_synthetic_experiment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     return data / "train.csv", oof / "oof.csv"
 
 
-def test_report_tables_hold_the_numbers_09_score_prints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_report_tables_hold_the_numbers_09_score_prints(load_script, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     truth_csv, oof_csv = _write_synthetic_experiment(tmp_path, monkeypatch, "ens_syn")
     out = tmp_path / "report"
-    assert _script("10_report.py").main(["--exp", "ens_syn", "--out", str(out), "--n-studies", "4"]) == 0
+    assert load_script("10_report.py").main(["--exp", "ens_syn", "--out", str(out), "--n-studies", "4"]) == 0
     index = out / "index.html"
     assert index.is_file()
     tables = parse_report(index)
@@ -204,7 +196,7 @@ def test_report_tables_hold_the_numbers_09_score_prints(tmp_path: Path, monkeypa
 
     score_json = tmp_path / "score.json"
     capsys.readouterr()
-    assert _script("09_score.py").main(["--submission", str(oof_csv), "--truth", str(truth_csv),
+    assert load_script("09_score.py").main(["--submission", str(oof_csv), "--truth", str(truth_csv),
                                         "--json", str(score_json)]) == 0
     printed = capsys.readouterr().out
     bd = _breakdown_of(json.loads(score_json.read_text()))
@@ -232,14 +224,14 @@ def test_report_tables_hold_the_numbers_09_score_prints(tmp_path: Path, monkeypa
     assert any("explanation maps skipped" in n for n in summary["notes"])
 
 
-def test_report_fails_clearly_without_predictions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_report_fails_clearly_without_predictions(load_script, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     _write_synthetic_experiment(tmp_path, monkeypatch, "ens_syn")
-    assert _script("10_report.py").main(["--exp", "nope", "--out", str(tmp_path / "r")]) == 2
+    assert load_script("10_report.py").main(["--exp", "nope", "--out", str(tmp_path / "r")]) == 2
     assert "no oof.csv" in capsys.readouterr().err
 
 
-def test_report_is_written_and_exit_code_is_1_when_the_maps_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_report_is_written_and_exit_code_is_1_when_the_maps_fail(load_script, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     truth_csv, _ = _write_synthetic_experiment(tmp_path, monkeypatch, "ens_syn")
     studies = pd.read_csv(truth_csv, dtype={STUDY: str})[STUDY].unique()
     paths.folds_path().parent.mkdir(parents=True, exist_ok=True)
@@ -248,7 +240,7 @@ def test_report_is_written_and_exit_code_is_1_when_the_maps_fail(tmp_path: Path,
         paths.run_dir("broken", k).mkdir(parents=True, exist_ok=True)
         (paths.run_dir("broken", k) / "best.pt").write_bytes(b"not a checkpoint")
     out = tmp_path / "r"
-    assert _script("10_report.py").main(["--exp", "ens_syn", "--cnn-exp", "broken", "--out", str(out)]) == 1
+    assert load_script("10_report.py").main(["--exp", "ens_syn", "--cnn-exp", "broken", "--out", str(out)]) == 1
     summary = json.loads((out / "report.json").read_text())
     assert "best.pt" in summary["explain_error"] or "checkpoint" in summary["explain_error"].lower()
     assert "failed" in (out / "index.html").read_text()
@@ -257,7 +249,7 @@ def test_report_is_written_and_exit_code_is_1_when_the_maps_fail(tmp_path: Path,
 
 # --- explanation maps on the phantom with a tiny random CNN ---------------------------------------
 @pytest.mark.slow
-def test_report_explains_phantom_slices_with_fold_models(phantom_dir: Path, phantom_meta: dict[str, Path],
+def test_report_explains_phantom_slices_with_fold_models(load_script, phantom_dir: Path, phantom_meta: dict[str, Path],
                                                          phantom_cache: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
@@ -298,7 +290,7 @@ def test_report_explains_phantom_slices_with_fold_models(phantom_dir: Path, phan
         pred[keep].to_csv(oof / f"fold{k}.csv", index=False)
 
     out = tmp_path / "rep"
-    assert _script("10_report.py").main(["--exp", "ens_ph", "--cnn-exp", "tiny", "--out", str(out),
+    assert load_script("10_report.py").main(["--exp", "ens_ph", "--cnn-exp", "tiny", "--out", str(out),
                                          "--n-cams", "4", "--ig", "--ig-steps", "2", "--max-pointing", "24"]) == 0
     tables = parse_report(out / "index.html")
     assert "maps.png" in tables.images

@@ -4,7 +4,6 @@ checkpoints round-trip for the kernel, and the fold script writes what CONTRACTS
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -226,11 +225,6 @@ def _write_embeddings(cnn_exp: str, fold: int, split: str, items: list[StudySeq]
     pd.concat(rows).to_parquet(d / "index.parquet", index=False)
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name.replace(".py", ""), ROOT / "src" / name)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
 
 
 @pytest.fixture()
@@ -249,12 +243,12 @@ def synthetic_tree() -> dict[int, list[StudySeq]]:
     return per_fold
 
 
-def test_fold_script_writes_contract_outputs(synthetic_tree: dict[int, list[StudySeq]], tmp_path: Path,
+def test_fold_script_writes_contract_outputs(load_script, synthetic_tree: dict[int, list[StudySeq]], tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     cfg_path = tmp_path / "seq_synth.yaml"
     cfg_path.write_text("name: seq_synth\ncnn_exp: synth\nhidden: 16\nattn_dim: 8\nepochs: 3\n"
                         "batch_size: 8\nprogress: false\ndevice: cpu\n")
-    script = _load_script("06_train_sequence.py")
+    script = load_script("06_train_sequence.py")
     for k in range(3):
         assert script.main(["--config", str(cfg_path), "--fold", str(k), "layers=1"]) == 0
         run = paths.run_dir("seq_synth", k)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from pe.metric import succession_rate
 from pe.rspect import EXAM_LABELS, NEGATIVE_LABELS, POSITIVE_ONLY_LABELS, SOP, STUDY, exam_row_id
 
 
@@ -28,20 +29,15 @@ def exam_table(truth: pd.DataFrame) -> pd.DataFrame:
 def conditional_frequencies(train_truth: pd.DataFrame) -> dict[str, float]:
     """P(label | positive exam) for positive-only labels, P(label | negative exam) for the two
     negative labels, over the training exams. An exam is positive when negative_exam_for_pe and
-    indeterminate are both 0 (the hierarchy of RSPECT.md). Laplace's rule of succession,
-    (k + 1) / (n + 2), as in pe.metric.prior_means: a label absent from small training folds is
-    never predicted as exactly 0 (and an empty group gives 0.5)."""
+    indeterminate are both 0 (the hierarchy of RSPECT.md). Frequencies by
+    :func:`pe.metric.succession_rate` (an empty group gives 0.5)."""
     exams = exam_table(train_truth)
     neg = (exams[list(NEGATIVE_LABELS)].sum(axis=1) > 0).to_numpy()
-
-    def succession(values: pd.Series) -> float:
-        return float((values.sum() + 1.0) / (len(values) + 2.0))
-
     out: dict[str, float] = {}
     for label in POSITIVE_ONLY_LABELS:
-        out[label] = succession(exams.loc[~neg, label])
+        out[label] = float(succession_rate(exams.loc[~neg, label].sum(), int((~neg).sum())))
     for label in NEGATIVE_LABELS:
-        out[label] = succession(exams.loc[neg, label])
+        out[label] = float(succession_rate(exams.loc[neg, label].sum(), int(neg.sum())))
     return out
 
 

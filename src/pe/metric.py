@@ -400,16 +400,19 @@ def format_breakdown(bd: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------
 # Prior baseline
 # ------------------------------------------------------------------------------------------------
-def prior_means(train_truth: pd.DataFrame) -> tuple[float, np.ndarray]:
-    """(mean image label over all training images, exam label means over training studies).
+def succession_rate(positives: Any, n: int) -> Any:
+    """Laplace's rule of succession, (positives + 1) / (n + 2): a label frequency that is never
+    exactly 0 or 1, so a label absent from a small training set does not cost 34.5 (the clipped
+    log loss) per held-out positive. On RSPECT's 7,279 studies it moves a frequency by < 3e-4."""
+    return (np.asarray(positives, dtype=np.float64) + 1.0) / (n + 2.0)
 
-    Exam means use Laplace's rule of succession, (positives + 1) / (studies + 2): a label absent
-    from a small training fold (e.g. the one indeterminate exam of a 40-study demo) would otherwise
-    get a prior of exactly 0 and cost 34.5 per held-out positive. On RSPECT's 7,279 studies the
-    correction is below 3e-4 per label."""
+
+def prior_means(train_truth: pd.DataFrame) -> tuple[float, np.ndarray]:
+    """(mean image label over all training images, exam label frequencies over training studies by
+    :func:`succession_rate`)."""
     first = train_truth.drop_duplicates(STUDY)
     counts = first[list(EXAM_LABELS)].to_numpy(np.float64)
-    return float(train_truth[IMAGE_LABEL].mean()), (counts.sum(axis=0) + 1.0) / (len(counts) + 2.0)
+    return float(train_truth[IMAGE_LABEL].mean()), succession_rate(counts.sum(axis=0), len(counts))
 
 
 def prior_predictions(train_truth: pd.DataFrame, target_ids: pd.DataFrame) -> pd.DataFrame:

@@ -372,10 +372,11 @@ def build_model(items: list[StudySeq], cfg: SeqConfig) -> SeqModel:
     """A model whose input standardisation and exam biases are fitted on ``items`` (training set)."""
     model = SeqModel(input_dim(items[0].emb.shape[1], cfg), cfg)
     model.set_input_stats(*feature_stats(items, cfg))
-    # Rule of succession, as pe.metric.prior_means: a label absent from the training folds starts
-    # at 1 / (n + 2), not at ~0 (which would cost ~9 per held-out positive before training moves it).
-    exam_counts = np.sum([it.exam_labels for it in items], axis=0)
-    model.set_prior_bias((exam_counts + 1.0) / (len(items) + 2.0))
+    # Start at the smoothed training frequencies (as the prior baseline): a label absent from the
+    # training folds starts at 1 / (n + 2), not at ~0 (which costs ~9 per held-out positive).
+    from pe.metric import succession_rate
+
+    model.set_prior_bias(succession_rate(np.sum([it.exam_labels for it in items], axis=0), len(items)))
     return model
 
 
