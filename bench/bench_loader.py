@@ -56,13 +56,20 @@ def loader_rate(cache: dict[str, Path], n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def demo_step_rate(steps: int) -> tuple[float, CNNConfig]:
+def demo_step_rate(steps: int, channels_last: bool | None = None) -> tuple[float, CNNConfig]:
+    """Train steps/s of the demo config (its threads; channels_last as configured unless given)."""
     cfg = load_config(CNNConfig, paths.CONFIGS_DIR / "demo.yaml")
+    if channels_last is not None:
+        cfg.channels_last = channels_last
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    torch.manual_seed(0)
     model = build_model(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     x = torch.randn(cfg.batch_size, 3 * (2 * cfg.neighbors + 1), cfg.img_size, cfg.img_size)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     y = (torch.rand(cfg.batch_size) < 0.3).float()
 
     def step() -> None:
@@ -98,9 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         at384 = gpu * (size / 384) ** 2
         print(f"  {name}: ~{at384:.0f} samples/s at 384 px on an RTX 3090 (timm benchmark {gpu:.0f}/s at {size} px, "
               f"scaled by pixels) -> needs {math.ceil(at384 / rate)} loader workers")
+    base, _ = demo_step_rate(args.steps, channels_last=False)
     steps, cfg = demo_step_rate(args.steps)
-    print(f"demo model ({cfg.backbone} at {cfg.img_size} px, batch {cfg.batch_size}, {torch.get_num_threads()} thread): "
-          f"{steps:.2f} train steps/s = {steps * cfg.batch_size:.0f} samples/s on CPU")
+    print(f"demo model ({cfg.backbone} at {cfg.img_size} px, batch {cfg.batch_size}, {torch.get_num_threads()} "
+          f"threads, channels_last={cfg.channels_last}): {steps:.2f} train steps/s = "
+          f"{steps * cfg.batch_size:.0f} samples/s on CPU; NCHW baseline {base:.2f} steps/s "
+          f"({steps / base:.2f}x)")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"load average {load:.1f} at end (other processes slow these figures down)")
     return 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from pe.phantom import UID_STYLES, default_workers, make_phantom
+from pe.phantom import P_POSITIVE, UID_STYLES, default_workers, make_phantom
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,11 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=default_workers())
     ap.add_argument("--uid-style", choices=UID_STYLES, default="kaggle",
                     help="kaggle: 12-hex ids like the real data; dicom: 2.25.* DICOM UIDs")
+    ap.add_argument("--positive-rate", type=float, default=P_POSITIVE,
+                    help=f"share of PE-positive exams (default {P_POSITIVE}, RSPECT's)")
     args = ap.parse_args(argv)
     t0 = time.time()
     make_phantom(args.out, train_studies=args.train_studies, test_studies=args.test_studies, seed=args.seed,
                  size=args.size, min_slices=args.min_slices, max_slices=args.max_slices, workers=args.workers,
-                 uid_style=args.uid_style)
+                 uid_style=args.uid_style, positive_rate=args.positive_rate)
     print(f"phantom written to {args.out} in {time.time() - t0:.1f} s")
     return 0
 

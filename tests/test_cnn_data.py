@@ -82,6 +82,34 @@ def test_dataset_matches_preprocess_study(fake: dict[str, Path]) -> None:
     assert not np.allclose(x_full.numpy(), x.numpy())
 
 
+def test_preloaded_dataset_gives_the_same_samples_as_the_disk_path(fake: dict[str, Path],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """preload=True: identical arrays (with the same augmentation seed), no file read afterwards,
+    and a clear refusal when the preload would not fit in memory."""
+    import pe.data as data
+
+    cfg = CNNConfig(img_size=40, neighbors=2, crop_lung=True, aug_cutout_p=1.0)
+    table = build_slice_table(pd.read_parquet(fake["meta"]), load_index(fake["cache"]), load_boxes(fake["cache"]),
+                              fake["cache"])
+    disk = SliceDataset(table, cfg, build_augment(cfg))
+    ram = SliceDataset(table, cfg, build_augment(cfg), preload=True, workers=2)
+    assert ram.slices is not None and ram.slices.shape == (len(table.files), 40, 40, 3)
+    keys = [(i, 1000 + i) for i in range(len(table))] + [0, len(table) - 1]
+    expected = [disk[k] for k in keys]
+
+    def no_read(path: object) -> None:
+        raise AssertionError(f"preloaded dataset read {path}")
+
+    monkeypatch.setattr(data, "read_rgb", no_read)
+    for k, want in zip(keys, expected, strict=True):
+        got = ram[k]
+        torch.testing.assert_close(got["image"], want["image"], rtol=0, atol=0)
+        assert got["label"].item() == want["label"].item()
+    monkeypatch.setattr(data, "available_memory_bytes", lambda: 1000)
+    with pytest.raises(ValueError, match="preload of .* slices .* more than half"):
+        SliceDataset(table, cfg, preload=True)
+
+
 def test_slice_table_rejects_gaps(fake: dict[str, Path]) -> None:
     index = load_index(fake["cache"])
     broken = index.drop(index.index[2])

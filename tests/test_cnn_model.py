@@ -30,6 +30,24 @@ def test_forward_outputs_and_gradcam_layer() -> None:
     assert "exam_logits" not in build_model(CNNConfig(**TINY, neighbors=0))(torch.randn(2, 3, 48, 48))
 
 
+@pytest.mark.parametrize("pool", ["avg", "max", "avgmax"])
+def test_global_pool_option_pools_the_gradcam_feature_map(pool: str) -> None:
+    """The embedding is the chosen pooling of the last feature map (max pooling lets one small clot
+    dominate the slice, papers/shi2020… style), with the same dimension for every option."""
+    torch.manual_seed(0)
+    model = build_model(CNNConfig(**TINY, neighbors=1, global_pool=pool)).eval()
+    feats = {}
+    model.gradcam_layer.register_forward_hook(lambda m, i, o: feats.setdefault("map", o))
+    emb = model(torch.randn(2, 9, 48, 48))["embedding"]
+    fmap = feats["map"]
+    want = {"avg": fmap.mean((2, 3)), "max": fmap.amax((2, 3)),
+            "avgmax": 0.5 * (fmap.mean((2, 3)) + fmap.amax((2, 3)))}[pool]
+    torch.testing.assert_close(emb, want)
+    assert emb.shape == (2, model.embedding_dim)
+    with pytest.raises(ValueError, match="global_pool"):
+        build_model(CNNConfig(**TINY, global_pool="catavgmax"))
+
+
 def test_pretrained_path_adapts_first_conv(tmp_path: Path) -> None:
     torch.manual_seed(1)
     src = timm.create_model("test_efficientnet", pretrained=False, in_chans=3, num_classes=7)

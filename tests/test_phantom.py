@@ -250,6 +250,21 @@ def test_prevalences_by_quota() -> None:
             assert p.labels["qa_motion"] + p.labels["qa_contrast"] == 1
 
 
+def test_positive_rate_enriches_positive_exams() -> None:
+    """--positive-rate (learning tests want more positive slices) sets the positive-exam quota;
+    the sub-label shares among positives and the label hierarchy stay as with RSPECT's rate."""
+    plans = phantom.plan_split("train", 100, 2, 512, 20, 30, positive_rate=0.7)
+    lab = pd.DataFrame([p.labels for p in plans])
+    assert sum(p.exam_kind == "positive" for p in plans) == 70
+    assert (lab["negative_exam_for_pe"] + lab["indeterminate"] == 0).sum() == 70
+    assert lab["indeterminate"].sum() == 2
+    pos = lab[lab["negative_exam_for_pe"] + lab["indeterminate"] == 0]
+    assert abs(pos["rightsided_pe"].mean() - 0.80) < 0.06
+    assert not any(p.exam_kind == "positive" for p in phantom.plan_split("train", 30, 2, 64, 8, 10, positive_rate=0.0))
+    with pytest.raises(ValueError, match="positive_rate"):
+        phantom.plan_split("train", 10, 2, 64, 8, 10, positive_rate=1.0)
+
+
 def test_emboli_are_dark_defects_inside_bright_arteries() -> None:
     """Every label's visual cause: removing the emboli changes a slice only inside its boxes, where
     contrast-filled artery (> 200 HU) becomes soft tissue (< 100 HU)."""
@@ -306,3 +321,9 @@ def test_script_main(tmp_path: Path) -> None:
                      "--size", "40", "--min-slices", "5", "--max-slices", "6", "--workers", "1"]) == 0
     assert len(pd.read_csv(tmp_path / "train.csv")) >= 10
     assert not (tmp_path / ".scratch").exists()
+    rich = tmp_path / "rich"
+    assert mod.main(["--out", str(rich), "--train-studies", "4", "--test-studies", "0", "--seed", "1",
+                     "--size", "40", "--min-slices", "5", "--max-slices", "6", "--workers", "1",
+                     "--positive-rate", "0.75"]) == 0
+    truth = pd.read_csv(rich / phantom.TRUTH_FILE)
+    assert (truth["exam_kind"] == "positive").sum() == 3

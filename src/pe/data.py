@@ -247,13 +247,25 @@ class SliceDataset(Dataset):
     where a resumed run restarted.
     """
 
-    def __init__(self, table: SliceTable, cfg: CNNConfig, augment: A.Compose | None = None) -> None:
+    def __init__(self, table: SliceTable, cfg: CNNConfig, augment: A.Compose | None = None,
+                 preload: bool = False, workers: int = 2) -> None:
         self.table = table
         self.cfg = cfg
         self.augment = augment
+        # (n_files, img_size, img_size, 3) uint8 when preloaded: every cached slice of the table's
+        # studies (neighbours included), cropped and resized once. DataLoader workers share it
+        # copy-on-write; samples are bit-identical to the disk path (tested).
+        self.slices: np.ndarray | None = preload_slices(table, cfg, workers) if preload else None
 
     def __len__(self) -> int:
         return len(self.table)
+
+    def file_slice(self, code: int, k: int) -> np.ndarray:
+        """(img_size, img_size, 3) uint8: slice k of study code, read, lung-cropped and resized."""
+        t = self.table
+        img = read_rgb(t.cache_dir / t.files[int(t.study_start[code]) + k].decode())
+        box = t.box(code, img.shape[0]) if self.cfg.crop_lung else None
+        return crop_resize(img, box, self.cfg.img_size)
 
     def load_stack(self, i: int) -> np.ndarray:
         """(img_size, img_size, C) uint8 of sample i: centre slice and neighbours from the cache,
@@ -263,13 +275,13 @@ class SliceDataset(Dataset):
         code, center = int(t.sample_study[i]), int(t.sample_slice[i])
         s0, n = int(t.study_start[code]), int(t.study_len[code])
         idx = neighbor_indices(center, n, self.cfg.neighbors)
+        if self.slices is not None:
+            return np.concatenate([self.slices[s0 + k] for k in idx], axis=-1)
         slices: dict[int, np.ndarray] = {}
         for k in idx:  # edge repeats decode once
             if k not in slices:
-                img = read_rgb(t.cache_dir / t.files[s0 + k].decode())
-                box = t.box(code, img.shape[0]) if self.cfg.crop_lung else None
-                slices[k] = crop_resize(img, box, self.cfg.img_size)
-        return np.concatenate([slices[k] for k in idx], axis=-1)
+                slices[int(k)] = self.file_slice(code, int(k))
+        return np.concatenate([slices[int(k)] for k in idx], axis=-1)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         """``image`` is uint8 (C, H, W): normalise with :func:`normalize` (the trainer does, on the device)."""
@@ -281,6 +293,44 @@ class SliceDataset(Dataset):
             arr = self.augment(image=arr)["image"]
         return {"image": to_uint8_tensor(arr), "label": torch.tensor(self.table.label[i]),
                 "exam": torch.from_numpy(self.table.exam[i]), "index": torch.tensor(int(i))}
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def preload_slices(table: SliceTable, cfg: CNNConfig, workers: int = 2) -> np.ndarray:
+    """Every cached slice of ``table`` cropped and resized once, as one (n_files, S, S, 3) uint8 array.
+
+    For small data (the phantom, a subset, a big-RAM box): it removes JPEG decoding from every
+    epoch, which on a CPU costs as much as the tiny demo model's step. Refuses (ValueError) when the
+    array would take more than half of the available memory. OpenCV releases the GIL, so a thread
+    pool decodes in parallel without copying the table into processes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n, s = len(table.files), cfg.img_size
+    need = n * s * s * 3
+    avail = available_memory_bytes()
+    if avail is not None and need > avail // 2:
+        raise ValueError(f"preload of {n} slices at {s} px needs {need / 2**30:.1f} GiB, more than half of the "
+                         f"{avail / 2**30:.1f} GiB available: set preload=false (read from {table.cache_dir})")
+    out = np.empty((n, s, s, 3), dtype=np.uint8)
+    codes = np.repeat(np.arange(len(table.studies)), table.study_len)
+    ds = SliceDataset(table, cfg)
+
+    def one(j: int) -> None:
+        out[j] = ds.file_slice(int(codes[j]), j - int(table.study_start[codes[j]]))
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(one, range(n), chunksize=64))
+    return out
 
 
 def epoch_plan(labels: np.ndarray, epoch: int, seed: int, pos_oversample: float = 1.0,

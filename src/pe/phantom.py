@@ -360,14 +360,17 @@ def _pick(rng: np.random.Generator, pool: list[int], k: int) -> set[int]:
 
 
 def plan_split(split: str, n_studies: int, seed: int, size: int, min_slices: int, max_slices: int,
-               uid_style: str = "kaggle") -> list[StudyPlan]:
+               uid_style: str = "kaggle", positive_rate: float = P_POSITIVE) -> list[StudyPlan]:
     """Plan every study of a split. Exam types and sub-labels are assigned by quota (stratified), so
-    even a 40-study split has about RSPECT's prevalences and at least a few positive exams."""
+    even a 40-study split has about RSPECT's prevalences and at least a few positive exams.
+    ``positive_rate`` (default RSPECT's 0.32) enriches positive exams, e.g. for learning tests."""
     if n_studies < 0 or min_slices < 4 or max_slices < min_slices:
         raise ValueError(f"bad phantom sizes: studies={n_studies}, slices={min_slices}..{max_slices}")
+    if not 0.0 <= positive_rate <= 0.95:
+        raise ValueError(f"positive_rate must be in [0, 0.95], got {positive_rate}")
     split_code = SPLITS.index(split)
     rng = np.random.default_rng([seed, split_code, 10_000])
-    n_pos = _quota(n_studies, P_POSITIVE)
+    n_pos = _quota(n_studies, positive_rate)
     n_ind = max(_quota(n_studies, P_INDETERMINATE), 1 if n_studies >= 20 else 0)
     kinds = ["positive"] * n_pos + ["indeterminate"] * n_ind + ["negative"] * (n_studies - n_pos - n_ind)
     kinds = [kinds[i] for i in rng.permutation(n_studies)]
@@ -985,7 +988,7 @@ def _prepare_out(out: Path, params: dict) -> None:
 
 def make_phantom(out: Path | str, train_studies: int, test_studies: int, seed: int, size: int = 512,
                  min_slices: int = 40, max_slices: int = 100, workers: int = 1, uid_style: str = "kaggle",
-                 compress: bool = True) -> None:
+                 compress: bool = True, positive_rate: float = P_POSITIVE) -> None:
     """Write a synthetic RSPECT look-alike to ``out`` (layout of CONTRACTS.md row 00).
 
     ``uid_style``: ``kaggle`` (12-hex ids like the real data) or ``dicom`` (2.25.* UIDs).
@@ -998,9 +1001,10 @@ def make_phantom(out: Path | str, train_studies: int, test_studies: int, seed: i
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _prepare_out(out, dict(train_studies=train_studies, test_studies=test_studies, seed=seed, size=size,
-                           min_slices=min_slices, max_slices=max_slices, uid_style=uid_style, compress=compress))
-    plans = {"train": plan_split("train", train_studies, seed, size, min_slices, max_slices, uid_style),
-             "test": plan_split("test", test_studies, seed, size, min_slices, max_slices, uid_style)}
+                           min_slices=min_slices, max_slices=max_slices, uid_style=uid_style, compress=compress,
+                           positive_rate=positive_rate))
+    plans = {s: plan_split(s, n, seed, size, min_slices, max_slices, uid_style, positive_rate)
+             for s, n in (("train", train_studies), ("test", test_studies))}
     jobs = [(p, str(out), compress) for s in SPLITS for p in plans[s]]
     workers = max(1, min(workers, len(jobs)))
     results = list(tqdm(_results(jobs, workers), total=len(jobs), desc="phantom studies", unit="study",

@@ -198,7 +198,13 @@ class Trainer:
         cfg, env = self.cfg, self.env
         seed_everything(cfg.seed)
         train, val = self._tables()
-        train_ds = SliceDataset(train, cfg, build_augment(cfg))
+        t_load = time.perf_counter()
+        train_ds = SliceDataset(train, cfg, build_augment(cfg), preload=cfg.preload, workers=_io_workers(cfg))
+        val_ds = SliceDataset(val, cfg, preload=cfg.preload, workers=_io_workers(cfg)) if val is not None else None
+        if cfg.preload and env.is_main:
+            n_files = len(train.files) + (len(val.files) if val is not None else 0)
+            print(f"preloaded {n_files} slices at {cfg.img_size} px in {time.perf_counter() - t_load:.1f} s",
+                  flush=True)
         sampler = EpochBatchSampler(train.label, cfg.batch_size, cfg.seed, cfg.pos_oversample,
                                     cfg.neg_per_epoch_frac, env.rank, env.world_size)
         n_batches = sampler.batches_per_epoch()
@@ -209,7 +215,7 @@ class Trainer:
         warmup = int(round(cfg.warmup_epochs * self.steps_per_epoch))
 
         model = build_model(cfg).to(self.device)
-        if self.cuda and cfg.channels_last:
+        if cfg.channels_last:  # CUDA and CPU alike (oneDNN's NHWC kernels are faster here too)
             model = model.to(memory_format=torch.channels_last)
         self.raw_model = model
         self.ema = None
@@ -256,8 +262,8 @@ class Trainer:
                                       "lr": self.optimizer.param_groups[0]["lr"], "time": round(t_train, 2),
                                       "samples_per_s": round(n_seen / max(t_train, 1e-9), 2)}
             improved = self.fold == -1
-            if val is not None:
-                frame = self._validate(val, use_amp, amp_dtype)
+            if val_ds is not None:
+                frame = self._validate(val_ds, use_amp, amp_dtype)
                 y = frame["label"].to_numpy()
                 record["val_loss"] = _bce_np(frame["prob"].to_numpy(), y)
                 record["val_auc"] = slice_auc(y, frame["prob"].to_numpy())
@@ -306,7 +312,7 @@ class Trainer:
         try:
             for b, batch in enumerate(bar, start=start_step * cfg.accum_steps):
                 x = normalize(batch["image"].to(self.device, non_blocking=True))
-                if self.cuda and cfg.channels_last:
+                if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 y = batch["label"].to(self.device)
                 last_micro = (b + 1) % cfg.accum_steps == 0 or b + 1 == n_batches
@@ -354,19 +360,19 @@ class Trainer:
             raise SimulatedCrash(f"stop_after_steps={cfg.stop_after_steps} reached at step {self.step}")
 
     @torch.inference_mode()
-    def _validate(self, val: SliceTable, use_amp: bool, amp_dtype: torch.dtype) -> pd.DataFrame:
+    def _validate(self, ds: SliceDataset, use_amp: bool, amp_dtype: torch.dtype) -> pd.DataFrame:
         """Slice probabilities of every validation slice (sharded over ranks, gathered on all)."""
         cfg, env = self.cfg, self.env
         model = self.ema.module if self.ema is not None else self.raw_model
         model.eval()
-        ds = SliceDataset(val, cfg, augment=None)
+        val = ds.table
         batches = shard_batches(len(val), cfg.val_batch_size, env.rank, env.world_size)
         loader = self._loader(ds, batches)
         idx_parts, prob_parts = [], []
         for batch in tqdm(loader, total=len(batches), desc="val", leave=False,
                           disable=not (env.is_main and cfg.progress), dynamic_ncols=True):
             x = normalize(batch["image"].to(self.device, non_blocking=True))
-            if self.cuda and cfg.channels_last:
+            if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
                 logit = model(x)["logit"]
@@ -383,6 +389,11 @@ class Trainer:
         frame["prob"] = prob[order].astype(np.float32)
         frame["label"] = frame.pop("pe_present_on_image")
         return frame
+
+
+def _io_workers(cfg: CNNConfig) -> int:
+    """Threads that preload the cache: the loader workers' share of the machine, at least 2."""
+    return max(2, cfg.num_workers, cfg.threads)
 
 
 def train_fold(cfg: CNNConfig, fold: int, resume: bool = False,
