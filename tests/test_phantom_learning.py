@@ -5,15 +5,16 @@ trained with src/configs/demo.yaml, and
 - its held-out slice AUC (the OOF file of stage 04) is >= 0.90 (issue 5);
 - its Grad-CAM maps point at the true emboli (phantom boxes) well above chance (issue 8).
 
-Both tests share one module-scoped run (~5 CPU minutes); they stay in one xdist group so the run
-is built once.
+One test item checks both (one ~5 CPU-minute run): with two items sharing a module fixture,
+pytest-xdist's loadgroup was seen sending them to both workers, which then built and trained the
+whole run twice.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -24,7 +25,7 @@ from sklearn.metrics import roc_auc_score
 from pe import paths
 from pe.rspect import IMAGE_LABEL, SOP, STUDY
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("phantom_learning")]
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 EXP = "demo_learn"
@@ -32,47 +33,40 @@ FOLD = 0
 # Positive-enriched phantom: 120 short studies, 70 % positive exams (~300 positive slices).
 PHANTOM = ["--train-studies", "120", "--test-studies", "0", "--seed", "1", "--size", "512",
            "--min-slices", "20", "--max-slices", "30", "--positive-rate", "0.7", "--workers", "2"]
-# The demo config as shipped, with the slices preloaded in RAM and both cores on the model.
-TRAIN = ["preload=true", "num_workers=0", "threads=2", "progress=false"]
+# demo.yaml as shipped; only the progress bar is off.
+TRAIN = ["progress=false"]
 
 
-@pytest.fixture(scope="module")
-def learned(tmp_path_factory: pytest.TempPathFactory,
-            load_script: Callable[[str], ModuleType]) -> Iterator[dict[str, object]]:
-    root = tmp_path_factory.mktemp("phantom_learning")
-    mp = pytest.MonkeyPatch()
+def _learn(root: Path, load_script: Callable[[str], ModuleType], mp: pytest.MonkeyPatch) -> dict[str, object]:
+    """Stages 00-04 on the enriched phantom under ``root``; pe.paths pointed there."""
     env = {"PE_DATA_DIR": root / "data", "PE_WORK_DIR": root / "work", "PE_OOF_DIR": root / "oof",
            "PE_REPORTS_DIR": root / "reports"}
     for k, v in env.items():
         mp.setenv(k, str(v))
-    try:
-        t0 = time.perf_counter()
-        data, meta, cache, folds = paths.data_dir(), paths.meta_path("train"), paths.cache_dir(256), paths.folds_path()
-        assert load_script("00_make_phantom.py").main(["--out", str(data), *PHANTOM]) == 0
-        assert load_script("01_parse_metadata.py").main(["--data-dir", str(data), "--split", "train",
-                                                         "--out", str(meta), "--workers", "2"]) == 0
-        assert load_script("02_cache_images.py").main(["--meta", str(meta), "--out", str(cache),
-                                                       "--size", "256", "--workers", "2"]) == 0
-        assert load_script("03_make_folds.py").main(["--meta", str(meta), "--out", str(folds)]) == 0
-        t1 = time.perf_counter()
-        assert load_script("04_train_cnn.py").main(["--config", str(REPO / "src/configs/demo.yaml"),
-                                                    "--fold", str(FOLD), f"name={EXP}", *TRAIN]) == 0
-        t2 = time.perf_counter()
-        print(f"phantom learning run: data stages {t1 - t0:.0f} s, CNN fold {FOLD} {t2 - t1:.0f} s")
-        yield {"meta": meta, "folds": folds, "train_s": t2 - t1, "env": env}
-    finally:
-        mp.undo()
+    t0 = time.perf_counter()
+    data, meta, cache, folds = paths.data_dir(), paths.meta_path("train"), paths.cache_dir(256), paths.folds_path()
+    assert load_script("00_make_phantom.py").main(["--out", str(data), *PHANTOM]) == 0
+    assert load_script("01_parse_metadata.py").main(["--data-dir", str(data), "--split", "train",
+                                                     "--out", str(meta), "--workers", "2"]) == 0
+    assert load_script("02_cache_images.py").main(["--meta", str(meta), "--out", str(cache),
+                                                   "--size", "256", "--workers", "2"]) == 0
+    assert load_script("03_make_folds.py").main(["--meta", str(meta), "--out", str(folds)]) == 0
+    t1 = time.perf_counter()
+    assert load_script("04_train_cnn.py").main(["--config", str(REPO / "src/configs/demo.yaml"),
+                                                "--fold", str(FOLD), f"name={EXP}", *TRAIN]) == 0
+    t2 = time.perf_counter()
+    print(f"phantom learning run: data stages {t1 - t0:.0f} s, CNN fold {FOLD} {t2 - t1:.0f} s")
+    return {"meta": meta, "folds": folds, "train_s": t2 - t1}
 
 
-def _use_run(learned: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Point pe.paths at the module's run (the autouse fixture of conftest re-isolates every test)."""
-    for k, v in learned["env"].items():  # type: ignore[attr-defined]
-        monkeypatch.setenv(k, str(v))
+def test_demo_cnn_learns_phantom_emboli_auc_and_gradcam(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        load_script: Callable[[str], ModuleType]) -> None:
+    learned = _learn(tmp_path, load_script, monkeypatch)
+    _check_auc(learned)
+    _check_pointing(learned)
 
 
-def test_demo_cnn_reaches_slice_auc_090_on_a_held_out_phantom_fold(learned: dict[str, object],
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    _use_run(learned, monkeypatch)
+def _check_auc(learned: dict[str, object]) -> None:
     oof = pd.read_parquet(paths.exp_oof_dir(EXP) / f"cnn_fold{FOLD}.parquet")
     meta = pd.read_parquet(learned["meta"], columns=[STUDY, SOP, IMAGE_LABEL])
     folds = pd.read_csv(learned["folds"])
@@ -89,9 +83,7 @@ def test_demo_cnn_reaches_slice_auc_090_on_a_held_out_phantom_fold(learned: dict
     assert auc >= 0.90, f"held-out slice AUC {auc:.3f} < 0.90 (chance 0.5)"
 
 
-def test_demo_cnn_gradcam_points_at_phantom_emboli_above_chance(learned: dict[str, object],
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    _use_run(learned, monkeypatch)
+def _check_pointing(learned: dict[str, object]) -> None:
     from pe.report import explain_slices, load_embolus_boxes, original_shapes, pointing_results
 
     oof = pd.read_parquet(paths.exp_oof_dir(EXP) / f"cnn_fold{FOLD}.parquet")

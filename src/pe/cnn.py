@@ -88,7 +88,7 @@ class CNNConfig:
     ema_decay: float = 0.999
     amp: bool = True  # CUDA only
     amp_dtype: str = "fp16"  # fp16 (GradScaler; P100/V100/T4) | bf16 (A100+)
-    channels_last: bool = True  # NHWC activations: cuDNN on CUDA, oneDNN on the CPU (1.3-1.45x here)
+    channels_last: bool = True  # NHWC activations: cuDNN on CUDA, oneDNN on the CPU (make bench-loader)
     # --- run ---
     num_workers: int = 4
     val_batch_size: int = 64
@@ -272,7 +272,7 @@ def infer_study(model: nn.Module, cfg: CNNConfig, images: np.ndarray, box: Seque
     probs, embs = [], []
     for s in range(0, len(images), batch_size):
         x = preprocess_study(images, cfg, box, range(s, min(s + batch_size, len(images)))).to(device)
-        if getattr(cfg, "channels_last", False):
+        if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.float16, enabled=cuda and amp):
             out = model(x)

@@ -239,6 +239,14 @@ def build_slice_table(meta: pd.DataFrame, index: pd.DataFrame, boxes: pd.DataFra
         label=label, exam=exam)
 
 
+def load_slice(table: SliceTable, code: int, k: int, cfg: CNNConfig) -> np.ndarray:
+    """(img_size, img_size, 3) uint8: slice k of study ``code`` read from the cache, lung-cropped
+    (when ``cfg.crop_lung``) and resized; the one place both the disk path and the preload read."""
+    img = read_rgb(table.cache_dir / table.files[int(table.study_start[code]) + k].decode())
+    box = table.box(code, img.shape[0]) if cfg.crop_lung else None
+    return crop_resize(img, box, cfg.img_size)
+
+
 class SliceDataset(Dataset):
     """Samples of a :class:`SliceTable` as ``{"image", "label", "exam", "index"}``.
 
@@ -260,13 +268,6 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
-    def file_slice(self, code: int, k: int) -> np.ndarray:
-        """(img_size, img_size, 3) uint8: slice k of study code, read, lung-cropped and resized."""
-        t = self.table
-        img = read_rgb(t.cache_dir / t.files[int(t.study_start[code]) + k].decode())
-        box = t.box(code, img.shape[0]) if self.cfg.crop_lung else None
-        return crop_resize(img, box, self.cfg.img_size)
-
     def load_stack(self, i: int) -> np.ndarray:
         """(img_size, img_size, C) uint8 of sample i: centre slice and neighbours from the cache,
         each cropped and resized before stacking (cheaper than stacking full-size slices; the
@@ -280,7 +281,7 @@ class SliceDataset(Dataset):
         slices: dict[int, np.ndarray] = {}
         for k in idx:  # edge repeats decode once
             if k not in slices:
-                slices[int(k)] = self.file_slice(code, int(k))
+                slices[int(k)] = load_slice(t, code, int(k), self.cfg)
         return np.concatenate([slices[int(k)] for k in idx], axis=-1)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
@@ -323,10 +324,10 @@ def preload_slices(table: SliceTable, cfg: CNNConfig, workers: int = 2) -> np.nd
                          f"{avail / 2**30:.1f} GiB available: set preload=false (read from {table.cache_dir})")
     out = np.empty((n, s, s, 3), dtype=np.uint8)
     codes = np.repeat(np.arange(len(table.studies)), table.study_len)
-    ds = SliceDataset(table, cfg)
 
     def one(j: int) -> None:
-        out[j] = ds.file_slice(int(codes[j]), j - int(table.study_start[codes[j]]))
+        code = int(codes[j])
+        out[j] = load_slice(table, code, j - int(table.study_start[code]), cfg)
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         list(pool.map(one, range(n), chunksize=64))

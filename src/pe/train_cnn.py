@@ -202,9 +202,9 @@ class Trainer:
         train_ds = SliceDataset(train, cfg, build_augment(cfg), preload=cfg.preload, workers=_io_workers(cfg))
         val_ds = SliceDataset(val, cfg, preload=cfg.preload, workers=_io_workers(cfg)) if val is not None else None
         if cfg.preload and env.is_main:
-            n_files = len(train.files) + (len(val.files) if val is not None else 0)
-            print(f"preloaded {n_files} slices at {cfg.img_size} px in {time.perf_counter() - t_load:.1f} s",
-                  flush=True)
+            arrays = [d.slices for d in (train_ds, val_ds) if d is not None and d.slices is not None]
+            print(f"preloaded {sum(len(a) for a in arrays)} slices at {cfg.img_size} px "
+                  f"({sum(a.nbytes for a in arrays) / 2**20:.0f} MiB) in {time.perf_counter() - t_load:.1f} s", flush=True)
         sampler = EpochBatchSampler(train.label, cfg.batch_size, cfg.seed, cfg.pos_oversample,
                                     cfg.neg_per_epoch_frac, env.rank, env.world_size)
         n_batches = sampler.batches_per_epoch()
