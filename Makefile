@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA := input/phantom
 DEMO_WORK := work/demo
 
-.PHONY: venv test lint demo bench bench-parse bench-cache bench-metric bench-loader clean-demo kaggle-dataset
+.PHONY: venv test lint demo bench bench-parse bench-cache bench-metric bench-loader bench-quality bench-gpu clean-demo kaggle-dataset
 
 venv: $(STAMP)
 
@@ -42,6 +42,14 @@ bench-metric: $(STAMP)
 
 bench-loader: $(STAMP)
 	$(PY) bench/bench_loader.py
+
+# Quality benchmark (not part of `make bench`: ~40 CPU minutes). Extra arguments: BQ_ARGS="--variants gru_only".
+bench-quality: $(STAMP)
+	$(PY) bench/bench_quality.py $(BQ_ARGS)
+
+# GPU figures (CUDA only; on a CPU-only machine it says so and exits 0). Not part of `make bench`.
+bench-gpu: $(STAMP)
+	$(PY) bench/bench_gpu.py
 
 kaggle-dataset: $(STAMP)
 	$(PY) kernels/make_kaggle_dataset.py

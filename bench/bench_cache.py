@@ -6,7 +6,7 @@
    window (numba table lookup, exact), encode (4:4:4 JPEG q95); and the extra work the worker does
    (lung-box mask on its sampled slices, atomic file write). Bound = cores / (read + window + encode
    seconds per image), as the issue defines it.
-3. Runs ``pe.cache.cache_images`` with workers = cores after a warm-up run (imports, numba JIT and
+3. Runs ``pe.data.cache.cache_images`` with workers = cores after a warm-up run (imports, numba JIT and
    pool start-up excluded: the rate is slices / the pool's wall time over thousands of slices).
 4. Runs a naive single-process baseline on the same files: pydicom dcmread + pixel_array, float64
    numpy windowing, cv2.imwrite with OpenCV's defaults.
@@ -37,11 +37,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pydicom  # noqa: E402
 
-from pe import cache as pc  # noqa: E402
-from pe.dicom import read_dataset, read_pixels, rescale  # noqa: E402
+from pe.anatomy.lungbox import LungAccumulator  # noqa: E402
+from pe.data import cache as pc  # noqa: E402
+from pe.data.dicom import read_dataset, read_pixels, rescale  # noqa: E402
+from pe.data.windows import WINDOWS, window_pixels  # noqa: E402
 from pe.io import write_bytes_atomic  # noqa: E402
-from pe.lungbox import LungAccumulator  # noqa: E402
-from pe.windows import WINDOWS, window_pixels  # noqa: E402
 
 TEMPLATE = Path(data_store.__file__).parent / "data" / "693_UNCR.dcm"
 

@@ -28,10 +28,14 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from pe import paths  # noqa: E402
-from pe.cache import load_boxes, load_index  # noqa: E402
-from pe.cnn import CNNConfig, build_model  # noqa: E402
-from pe.config import load_config  # noqa: E402
-from pe.data import SliceDataset, build_augment, build_slice_table, write_synthetic_cache  # noqa: E402
+from pe.config import (
+    CNNConfig,
+    load_config,  # noqa: E402
+)
+from pe.data.cache import load_boxes, load_index  # noqa: E402
+from pe.data.slices import SliceDataset, build_augment, build_slice_table
+from pe.models.slice_cnn import build_model  # noqa: E402
+from pe.synthetic.caches import write_synthetic_cache
 
 # timm benchmark (RTX 3090, AMP, NHWC, train step): samples/s at the benchmark's image size.
 GPU_TRAIN_RATES = {  # model: (samples/s, benchmark img size)

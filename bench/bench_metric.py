@@ -1,13 +1,13 @@
 """Benchmark of the metric and the hierarchy repair at full RSPECT training size (synthetic).
 
 Builds 7,279 exams x ~245 images (about 1.79 M image rows + 65,511 exam rows) with hierarchy-
-consistent labels drawn from calibrated, logit-noised predictions (pe.metric.synthetic_calibrated),
+consistent labels drawn from calibrated, logit-noised predictions (pe.synthetic.predictions.synthetic_calibrated),
 then prints:
-- the time of pe.metric.score(pred, truth) from the long id,label frame (target < 3 s) and of the
+- the time of pe.eval.metric.score(pred, truth) from the long id,label frame (target < 3 s) and of the
   precomputed Scorer.score fast path;
-- the time of pe.hierarchy.repair on the 7,279 exams (target < 2 s);
+- the time of pe.eval.hierarchy.repair on the 7,279 exams (target < 2 s);
 - the score of the raw (inconsistent) predictions, of the expected-loss repair and of the
-  1st-place-style BCE heuristic (pe.hierarchy.repair_bce_heuristic) on the same predictions.
+  1st-place-style BCE heuristic (pe.eval.hierarchy.repair_bce_heuristic) on the same predictions.
 Usage: python bench/bench_metric.py [--exams 7279] [--seeds 3]
 """
 
@@ -23,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import numpy as np
 
-from pe import hierarchy, metric
+from pe.eval import hierarchy, metric
+from pe.eval.submission import to_long
 from pe.rspect import EXAM_LABELS, IMAGE_LABEL
-from pe.submission import to_long
+from pe.synthetic.predictions import synthetic_calibrated
 
 
 def _best_of(fn, repeat: int = 3) -> tuple[float, float, object]:  # type: ignore[no-untyped-def]
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     print(f"load average before: {os.getloadavg()}  cpus: {os.cpu_count()}")
-    truth, image_df, exam_df = metric.synthetic_calibrated(args.exams, seed=0, noise=args.noise)
+    truth, image_df, exam_df = synthetic_calibrated(args.exams, seed=0, noise=args.noise)
     pred = to_long(image_df, exam_df)
     print(f"synthetic: {args.exams} exams, {len(image_df)} image rows, {len(pred)} submission rows")
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ours, theirs = [], []
     for seed in range(args.seeds):
         if seed:
-            truth, image_df, exam_df = metric.synthetic_calibrated(args.exams, seed=seed, noise=args.noise)
+            truth, image_df, exam_df = synthetic_calibrated(args.exams, seed=seed, noise=args.noise)
             scorer = metric.Scorer(truth)
         raw = scorer.score(image_df[IMAGE_LABEL].to_numpy(), exam_df[list(EXAM_LABELS)].to_numpy())
         row = []

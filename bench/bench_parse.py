@@ -2,7 +2,7 @@
 1.79 M RSPECT training files parse in under 20 minutes).
 
 Generates a phantom once (default ~3,500 files at 512 px, so file sizes are realistic) under
-``--dir`` (reused when it is already there), then runs :func:`pe.metadata.parse_metadata` on its
+``--dir`` (reused when it is already there), then runs :func:`pe.data.metadata.parse_metadata` on its
 train split with each worker count and prints files/s, end to end (listing, parsing, checks,
 writing). The first, untimed pass warms the page cache so the figures measure parsing, not the disk.
 
@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from pe.metadata import list_files, parse_metadata  # noqa: E402
-from pe.phantom import TRUTH_FILE, make_phantom  # noqa: E402
+from pe.data.metadata import list_files, parse_metadata  # noqa: E402
+from pe.synthetic.phantom import TRUTH_FILE, make_phantom  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Stage 00: write a synthetic RSPECT look-alike (see src/pe/phantom.py).
+"""Stage 00: write a synthetic RSPECT look-alike (see src/pe/synthetic/phantom.py).
 
 Reads: nothing. Writes (CONTRACTS.md row 00): DIR/train/<study>/<series>/<sop>.dcm, DIR/test/...,
 DIR/train.csv (17 columns), DIR/test.csv, DIR/sample_submission.csv (all 0.5), DIR/train_boxes.csv
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from pe.phantom import P_POSITIVE, UID_STYLES, default_workers, make_phantom
+from pe.synthetic.phantom import P_POSITIVE, SHORTCUT_KINDS, UID_STYLES, default_workers, make_phantom
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,11 +31,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="kaggle: 12-hex ids like the real data; dicom: 2.25.* DICOM UIDs")
     ap.add_argument("--positive-rate", type=float, default=P_POSITIVE,
                     help=f"share of PE-positive exams (default {P_POSITIVE}, RSPECT's)")
+    ap.add_argument("--shortcut-rate", type=float, default=0.0,
+                    help="share of PE-positive TRAIN slices given a shortcut feature unrelated to the emboli "
+                         "(never in test; 0 = none, byte-identical output)")
+    ap.add_argument("--shortcut-kind", choices=SHORTCUT_KINDS, default="marker",
+                    help="marker: bright disc in the chest wall; stripes: striped disc there")
     args = ap.parse_args(argv)
     t0 = time.time()
     make_phantom(args.out, train_studies=args.train_studies, test_studies=args.test_studies, seed=args.seed,
                  size=args.size, min_slices=args.min_slices, max_slices=args.max_slices, workers=args.workers,
-                 uid_style=args.uid_style, positive_rate=args.positive_rate)
+                 uid_style=args.uid_style, positive_rate=args.positive_rate,
+                 shortcut_rate=args.shortcut_rate, shortcut_kind=args.shortcut_kind)
     print(f"phantom written to {args.out} in {time.time() - t0:.1f} s")
     return 0
 

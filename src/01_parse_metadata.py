@@ -1,4 +1,4 @@
-"""Stage 01: the metadata table of one split, from the DICOM headers only (see src/pe/metadata.py).
+"""Stage 01: the metadata table of one split, from the DICOM headers only (see src/pe/data/metadata.py).
 
 Reads DIR/<split>/<study>/<series>/<sop>.dcm and DIR/<split>.csv. Writes (CONTRACTS.md row 01)
 META.parquet: one row per image with StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, path, z,
@@ -16,7 +16,7 @@ import argparse
 import os
 import time
 
-from pe.metadata import SPLITS, parse_metadata
+from pe.data.metadata import SPLITS, parse_metadata
 
 
 def main(argv: list[str] | None = None) -> int:

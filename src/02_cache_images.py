@@ -16,7 +16,7 @@ import argparse
 import os
 from pathlib import Path
 
-from pe.cache import cache_images, parse_shard
+from pe.data.cache import cache_images, parse_shard
 
 
 def _shard(text: str) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pe.folds import check_folds, make_folds, merge_small_strata, study_strata
+from pe.data.folds import check_folds, make_folds, merge_small_strata, study_strata
 from pe.io import write_csv_atomic
 
 

@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pe.cnn import CNNConfig
-from pe.config import load_config
-from pe.train_cnn import train_fold
+from pe.config import CNNConfig, load_config
+from pe.train.cnn import train_fold
 
 KNOWN = {"--config", "--fold", "--resume", "-h", "--help"}
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from pe.embeddings import export_embeddings
+from pe.infer.embeddings import export_embeddings
 
 
 def main(argv: list[str] | None = None) -> int:

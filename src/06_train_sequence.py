@@ -1,6 +1,6 @@
 """Stage 06: train the BiGRU/BiLSTM + attention sequence model of one fold on the metric.
 
-Reads  src/configs/<seq_exp>.yaml (pe.sequence.SeqConfig), work/embeddings/<cnn_exp>/fold<j>/train
+Reads  src/configs/<seq_exp>.yaml (pe.train.seq.SeqConfig), work/embeddings/<cnn_exp>/fold<j>/train
        for every fold j (OOF embeddings: folds != k train, fold k validates),
        work/embeddings/<cnn_exp>/fold<k>/test, work/meta/train.parquet (labels), work/folds.csv (check).
 Writes work/models/<seq_exp>/fold<k>/{config.yaml, metrics.jsonl, best.pt},
@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from pe.config import load_config
-from pe.sequence import SeqConfig, format_summary, oof_summary, train_fold
+from pe.config import SeqConfig, load_config
+from pe.train.seq import format_summary, oof_summary, train_fold
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="YAML overriding pe.sequence.SeqConfig")
+    ap.add_argument("--config", required=True, help="YAML overriding pe.train.seq.SeqConfig")
     ap.add_argument("--fold", type=int, required=True, help="validation fold k")
     ap.add_argument("--no-summary", action="store_true", help="skip the OOF summary")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")

@@ -10,7 +10,7 @@ Reads   oof/<exp>/fold<k>.csv (OOF id,label; every id once per member, same ids 
 Writes  oof/<out>/oof.csv (cross-fitted OOF blend), oof/<out>/test.csv (test blend, not repaired),
         oof/<out>/weights.json (members, mode, per-group weights, scores: used by the Kaggle kernel),
         oof/<out>/stages.json (the stage table as JSON).
-Method: pe/ensemble.py (group-wise simplex weights minimising the metric, cross-fitted over folds).
+Method: pe/eval/ensemble.py (group-wise simplex weights minimising the metric, cross-fitted over folds).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 
 from pe import paths
-from pe.ensemble import EnsembleError, run_ensemble
+from pe.eval.ensemble import EnsembleError, run_ensemble
 
 
 def main(argv: list[str] | None = None) -> int:

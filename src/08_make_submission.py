@@ -5,7 +5,7 @@ Reads  --pred PRED.csv (id,label, submission-shaped, possibly inconsistent) and 
        (StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID).
 Writes --out SUB.csv (id,label: the images in test.csv order, then 9 rows per study). Prints how many exams broke each rule
 (each of them was changed), the flips between positive and negative, and the expected-loss cost
-of the repair (pe.hierarchy.repair). Exit status 2 with the reason on malformed input.
+of the repair (pe.eval.hierarchy.repair). Exit status 2 with the reason on malformed input.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pe import hierarchy, submission
+from pe import paths
+from pe.eval import hierarchy, submission
 from pe.rspect import SOP, STUDY
 
 
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pred", type=Path, required=True, help="submission-shaped predictions (id,label)")
     ap.add_argument("--test", type=Path, required=True, help="test.csv of the competition")
-    ap.add_argument("--out", type=Path, required=True, help="submission CSV to write")
+    ap.add_argument("--out", type=Path, default=paths.submissions_dir() / "submission.csv",
+                    help="submission CSV to write (default: $PE_SUBMISSIONS_DIR or submissions/, submission.csv)")
     args = ap.parse_args(argv)
 
     try:

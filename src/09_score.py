@@ -22,7 +22,9 @@ from typing import Any
 
 import pandas as pd
 
-from pe import metric, submission
+from pe.data.tables import read_truth
+from pe.eval import metric, submission
+from pe.eval.baselines import prior_predictions
 from pe.io import write_json_atomic
 from pe.rspect import SOP, STUDY
 
@@ -48,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give --submission and/or --baseline-prior")
 
     try:
-        truth = metric.read_truth(args.truth)
-        prior_src = metric.read_truth(args.prior_from) if args.prior_from else truth
+        truth = read_truth(args.truth)
+        prior_src = read_truth(args.prior_from) if args.prior_from else truth
         # extra columns (an OOF file's fold) are ignored; id,label must be there
         pred = submission.read_submission(args.submission, extra_columns=True) if args.submission else None
         if pred is not None:
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     prior_bd = None
     if args.baseline_prior:
         ids = pd.DataFrame({STUDY: scorer.study_ids[scorer.image_study], SOP: scorer.image_ids})
-        prior = metric.prior_predictions(prior_src, ids)
+        prior = prior_predictions(prior_src, ids)
         prior_bd = metric.breakdown_arrays(scorer, *scorer.align(prior))
         source = str(args.prior_from) if args.prior_from else f"{args.truth} (optimistic: the scored labels)"
         prior_bd["prior_source"] = source

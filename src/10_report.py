@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from pe.report import build_report
+from pe.report.build import build_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ def _isolated_paths(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small RSPECT look-alike (src/00_make_phantom.py logic) at 128 px."""
-    from pe.phantom import make_phantom
+    from pe.synthetic.phantom import make_phantom
 
     out = tmp_path_factory.mktemp("phantom")
     make_phantom(out, **SMALL_PHANTOM)
@@ -37,7 +37,7 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def phantom_meta(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Metadata parquet per split for :func:`phantom_dir`."""
-    from pe.metadata import parse_metadata
+    from pe.data.metadata import parse_metadata
 
     out = tmp_path_factory.mktemp("meta")
     paths = {}
@@ -50,7 +50,7 @@ def phantom_meta(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="session")
 def phantom_cache(phantom_meta: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3-window JPEG cache (128 px) of both splits of :func:`phantom_dir`."""
-    from pe.cache import cache_images
+    from pe.data.cache import cache_images
 
     out = tmp_path_factory.mktemp("cache")
     for split in ("train", "test"):

@@ -13,9 +13,9 @@ import pandas as pd
 import pydicom
 import pytest
 
-from pe import cache as pc
-from pe.dicom import read_hu
-from pe.windows import window_rgb, window_rgb_reference
+from pe.data import cache as pc
+from pe.data.dicom import read_hu
+from pe.data.windows import window_rgb, window_rgb_reference
 
 DATA = Path(data_store.__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -171,8 +171,8 @@ def test_boxes_contain_the_lungs_and_are_tight(dataset, tmp_path: Path) -> None:
 
 def test_box_from_stored_pixels_equals_box_from_hu(dataset) -> None:
     """The cache feeds stored pixels, the Kaggle kernel feeds read_hu: same box."""
-    from pe.dicom import read_dataset, read_pixels, rescale
-    from pe.lungbox import LungAccumulator
+    from pe.anatomy.lungbox import LungAccumulator
+    from pe.data.dicom import read_dataset, read_pixels, rescale
 
     meta, _, _ = dataset
     a, b = LungAccumulator(96, 96), LungAccumulator(96, 96)

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pe.cache import load_boxes, load_index, load_study_images
-from pe.cnn import CNNConfig, preprocess_study
-from pe.data import (
+from pe.config import CNNConfig
+from pe.data.cache import load_boxes, load_index, load_study_images
+from pe.data.slices import (
     EpochBatchSampler,
     SliceDataset,
     build_augment,
@@ -19,8 +19,9 @@ from pe.data import (
     epoch_plan,
     normalize,
     stack_neighbors,
-    write_synthetic_cache,
 )
+from pe.models.slice_cnn import preprocess_study
+from pe.synthetic.caches import write_synthetic_cache
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def test_preloaded_dataset_gives_the_same_samples_as_the_disk_path(fake: dict[st
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """preload=True: identical arrays (with the same augmentation seed), no file read afterwards,
     and a clear refusal when the preload would not fit in memory."""
-    import pe.data as data
+    import pe.data.slices as data
 
     cfg = CNNConfig(img_size=40, neighbors=2, crop_lung=True, aug_cutout_p=1.0)
     table = build_slice_table(pd.read_parquet(fake["meta"]), load_index(fake["cache"]), load_boxes(fake["cache"]),

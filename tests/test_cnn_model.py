@@ -10,8 +10,8 @@ import timm
 import torch
 from timm.models import adapt_input_conv
 
-from pe.cnn import CNNConfig, build_model, infer_study, load_cnn, preprocess_study
-from pe.config import to_dict
+from pe.config import CNNConfig, to_dict
+from pe.models.slice_cnn import build_model, infer_study, load_cnn, preprocess_study
 
 TINY = dict(backbone="test_efficientnet", img_size=48, drop_rate=0.0, drop_path_rate=0.0)
 

@@ -16,12 +16,14 @@ import torch
 import yaml
 
 from pe import paths
-from pe.cache import load_boxes, load_index
-from pe.cnn import CNNConfig, load_cnn
-from pe.config import load_config
-from pe.data import EpochBatchSampler, build_slice_table, write_synthetic_cache
-from pe.folds import load_folds
-from pe.train_cnn import SimulatedCrash, lr_factor, train_fold
+from pe.config import CNNConfig, load_config
+from pe.data.cache import load_boxes, load_index
+from pe.data.folds import load_folds
+from pe.data.slices import EpochBatchSampler, build_slice_table
+from pe.models.slice_cnn import load_cnn
+from pe.synthetic.caches import write_synthetic_cache
+from pe.train.cnn import SimulatedCrash, train_fold
+from pe.train.core import warmup_cosine as lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""pe.dicom.read_hu on real CT files from pydicom-data, compressed copies and broken files."""
+"""pe.data.dicom.read_hu on real CT files from pydicom-data, compressed copies and broken files."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML, JPEG2000Lossless, RLELossless
 
-from pe.dicom import DicomDecodeError, read_header, read_hu
+from pe.data.dicom import DicomDecodeError, read_header, read_hu
 
 DATA = Path(data_store.__file__).parent / "data"
 UNCR = DATA / "693_UNCR.dcm"  # real 512² CT slice, uncompressed
@@ -97,7 +97,7 @@ def test_read_header() -> None:
 def test_fastest_decoder_is_tried_first() -> None:
     from pydicom.uid import JPEGLosslessSV1
 
-    from pe.dicom import _plugins_for
+    from pe.data.dicom import _plugins_for
 
     assert _plugins_for(RLELossless)[0] == "pylibjpeg"  # pylibjpeg-rle: ~6x pydicom's native RLE
     assert _plugins_for(JPEGLosslessSV1)[0] == "gdcm"
@@ -109,7 +109,7 @@ def test_phantom_compressed_files_equal_their_uncompressed_twins(tmp_path: Path)
     exactly the HU of the same phantom written uncompressed."""
     import pandas as pd
 
-    from pe.phantom import make_phantom
+    from pe.synthetic.phantom import make_phantom
 
     kw = dict(train_studies=6, test_studies=0, seed=5, size=64, min_slices=4, max_slices=5)
     make_phantom(tmp_path / "c", **kw)

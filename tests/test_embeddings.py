@@ -21,8 +21,8 @@ EXP = "embtest"
 @pytest.fixture()
 def cnn_runs(phantom_meta: dict[str, Path], phantom_cache: Path) -> dict[int, list[str]]:
     """work/meta, a 2-fold folds.csv and best.pt of folds -1, 0, 1 (different random weights)."""
-    from pe.cnn import CNNConfig, build_model
-    from pe.config import to_dict
+    from pe.config import CNNConfig, to_dict
+    from pe.models.slice_cnn import build_model
 
     torch.set_num_threads(1)
     for split in ("train", "test"):
@@ -47,9 +47,9 @@ def cnn_runs(phantom_meta: dict[str, Path], phantom_cache: Path) -> dict[int, li
 
 def test_export_is_out_of_fold_ordered_and_resumable(cnn_runs: dict[int, list[str]], phantom_cache: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import pe.cnn
-    from pe.cache import load_boxes, load_study_images
-    from pe.embeddings import export_embeddings, load_study_embeddings
+    import pe.models.slice_cnn
+    from pe.data.cache import load_boxes, load_study_images
+    from pe.infer.embeddings import export_embeddings, load_study_embeddings
 
     export_embeddings(EXP, "train", batch_size=16)
     meta = pd.read_parquet(paths.meta_path("train")).sort_values([STUDY, "slice_index"])
@@ -66,10 +66,10 @@ def test_export_is_out_of_fold_ordered_and_resumable(cnn_runs: dict[int, list[st
         assert emb.dtype == np.float16 and emb.shape == ((expected[STUDY] == studies[0]).sum(), 256)
 
     # the stored arrays are the CNN's outputs for the study in z order, lung box applied
-    model, cfg = pe.cnn.load_cnn(paths.run_dir(EXP, 1) / "best.pt")
+    model, cfg = pe.models.slice_cnn.load_cnn(paths.run_dir(EXP, 1) / "best.pt")
     study = cnn_runs[1][0]
     box = load_boxes(phantom_cache).set_index(STUDY).loc[study, ["x0", "y0", "x1", "y1"]].tolist()
-    probs, emb = pe.cnn.infer_study(model, cfg, load_study_images(phantom_cache, study), box=box, amp=False)
+    probs, emb = pe.models.slice_cnn.infer_study(model, cfg, load_study_images(phantom_cache, study), box=box, amp=False)
     got_emb, got_probs = load_study_embeddings(EXP, 1, "train", study)
     np.testing.assert_allclose(got_emb.astype(np.float32), emb, rtol=2e-3, atol=2e-3)
     np.testing.assert_allclose(got_probs, probs, atol=1e-6)
@@ -80,20 +80,20 @@ def test_export_is_out_of_fold_ordered_and_resumable(cnn_runs: dict[int, list[st
     gone = cnn_runs[0][1]
     (d / f"{gone}.npy").unlink()
     calls: list[int] = []
-    real = pe.cnn.infer_study
+    real = pe.models.slice_cnn.infer_study
 
     def counting(*args, **kwargs):
         calls.append(len(args[2]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pe.cnn, "infer_study", counting)
+    monkeypatch.setattr(pe.models.slice_cnn, "infer_study", counting)
     export_embeddings(EXP, "train", folds=[0], batch_size=16)
     assert calls == [len(before[before[STUDY] == gone])]
     pd.testing.assert_frame_equal(pd.read_parquet(d / "index.parquet"), before)
 
 
 def test_retrained_checkpoint_invalidates_stored_embeddings(cnn_runs: dict[int, list[str]]) -> None:
-    from pe.embeddings import export_fold, load_study_embeddings
+    from pe.infer.embeddings import export_fold, load_study_embeddings
 
     study = cnn_runs[0][0]
     export_fold(EXP, 0, "train", batch_size=16)
@@ -108,7 +108,7 @@ def test_retrained_checkpoint_invalidates_stored_embeddings(cnn_runs: dict[int, 
 
 
 def test_test_split_every_fold_and_errors(load_script, cnn_runs: dict[int, list[str]]) -> None:
-    from pe.embeddings import export_fold, load_study_embeddings
+    from pe.infer.embeddings import export_fold, load_study_embeddings
 
     script = load_script("05_export_embeddings.py")
     assert script.main(["--exp", EXP, "--split", "test", "--batch-size", "32"]) == 0

@@ -1,4 +1,4 @@
-"""OOF ensembling (pe/ensemble.py, src/07_ensemble.py) on synthetic members with known noise."""
+"""OOF ensembling (pe/eval/ensemble.py, src/07_ensemble.py) on synthetic members with known noise."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pe import ensemble, metric, paths, rspect
+from pe import paths, rspect
+from pe.eval import ensemble, metric
+from pe.ids import exam_row_id
 
 SCRIPT = Path(__file__).resolve().parents[1] / "src" / "07_ensemble.py"
 
@@ -60,7 +62,7 @@ def truth_long(truth: pd.DataFrame) -> pd.DataFrame:
     """The truth in submission shape (id, y) and each row's study."""
     img = pd.DataFrame({"id": truth[rspect.SOP], "y": truth[rspect.IMAGE_LABEL], "study": truth[rspect.STUDY]})
     ex = truth.drop_duplicates(rspect.STUDY)
-    exam = [pd.DataFrame({"id": [rspect.exam_row_id(s, lab) for s in ex[rspect.STUDY]], "y": ex[lab].to_numpy(),
+    exam = [pd.DataFrame({"id": [exam_row_id(s, lab) for s in ex[rspect.STUDY]], "y": ex[lab].to_numpy(),
                           "study": ex[rspect.STUDY].to_numpy()}) for lab in rspect.EXAM_LABELS]
     return pd.concat([img, *exam], ignore_index=True)
 
@@ -102,7 +104,7 @@ def test_groups_cover_every_scored_label_once() -> None:
 
 def test_blend_data_carries_the_metric_rows() -> None:
     """Row weights: IMAGE_WEIGHT * share of positive images of the exam, exam rows their label
-    weight; a member's loss computed from them equals pe.metric.score."""
+    weight; a member's loss computed from them equals pe.eval.metric.score."""
     truth, long, _, oofs = make_blend_data([1.0], n_studies=30)
     data = ensemble.align_members(oofs, truth)
     assert set(data.ids) == set(long["id"]) and len(data.ids) == len(long)
@@ -195,7 +197,7 @@ def test_script_writes_blend_weights_and_stage_table(tmp_path: Path, capsys: pyt
     truth_path = tmp_path / "train.csv"
     truth.to_csv(truth_path, index=False)
     rng = np.random.default_rng(9)
-    test_ids = ["9.1", "9.2", *[rspect.exam_row_id("ffffffffffff", lab) for lab in rspect.EXAM_LABELS]]
+    test_ids = ["9.1", "9.2", *[exam_row_id("ffffffffffff", lab) for lab in rspect.EXAM_LABELS]]
     oof_root = paths.oof_dir()
     for name, noise in (("seq_a", 1.0), ("seq_b", 1.5)):
         write_member(oof_root, name, long, noisy_member(long["y"].to_numpy(), noise, rng), folds, test_ids, rng, 3)

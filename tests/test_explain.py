@@ -7,15 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from pe.explain import (
-    boxes_mask,
-    boxes_to_input_frame,
-    fill_boxes,
-    grad_cam,
-    integrated_gradients,
-    map_peak,
-    pointing_game,
-)
+from pe.explain.cam import grad_cam
+from pe.explain.ig import integrated_gradients
+from pe.explain.pointing import boxes_mask, boxes_to_input_frame, fill_boxes, map_peak, pointing_game
 
 
 class BlobNet(nn.Module):

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pe.folds import check_folds, load_folds, make_folds, merge_small_strata, study_strata
+from pe.data.folds import check_folds, load_folds, make_folds, merge_small_strata, study_strata
 from pe.rspect import EXAM_LABELS
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from pe import config, io, paths, rspect
+from pe.ids import exam_row_id, split_exam_row_id
 
 
 def test_exam_weights_match_reference_sheet_and_sum_to_one() -> None:
@@ -50,11 +51,11 @@ def test_uid_validation(uid: object, ok: bool) -> None:
 
 def test_exam_row_ids_round_trip() -> None:
     for label in rspect.EXAM_LABELS:
-        rid = rspect.exam_row_id("6897fa9de148", label)
-        assert rspect.split_exam_row_id(rid) == ("6897fa9de148", label)
-    assert rspect.split_exam_row_id("c0f3cb036d06") is None
+        rid = exam_row_id("6897fa9de148", label)
+        assert split_exam_row_id(rid) == ("6897fa9de148", label)
+    assert split_exam_row_id("c0f3cb036d06") is None
     # rv_lv_ratio_lt_1 must not be mistaken for another label's suffix
-    assert rspect.split_exam_row_id("a_rv_lv_ratio_lt_1") == ("a", "rv_lv_ratio_lt_1")
+    assert split_exam_row_id("a_rv_lv_ratio_lt_1") == ("a", "rv_lv_ratio_lt_1")
 
 
 def test_paths_follow_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -11,10 +11,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pe import hierarchy, metric, rspect
-from pe.hierarchy import DOWN, RULE_IDS, UP
+from pe import rspect
+from pe.eval import hierarchy, metric
+from pe.eval.hierarchy import DOWN, RULE_IDS, UP
+from pe.eval.submission import to_long
 from pe.rspect import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY
-from pe.submission import to_long
+from pe.synthetic.predictions import synthetic_calibrated
 
 J = {c: j for j, c in enumerate(EXAM_LABELS)}
 
@@ -174,7 +176,7 @@ def test_repair_equals_brute_force(frames: tuple[pd.DataFrame, pd.DataFrame]) ->
 
 
 def test_heuristic_output_consistent() -> None:
-    _, image_df, exam_df = metric.synthetic_calibrated(60, seed=11, min_images=5, max_images=20)
+    _, image_df, exam_df = synthetic_calibrated(60, seed=11, min_images=5, max_images=20)
     img, exam, _ = hierarchy.repair_bce_heuristic(image_df, exam_df)
     assert not _broken_any(img, exam)
 
@@ -184,7 +186,7 @@ def test_expected_loss_repair_beats_bce_heuristic() -> None:
     repair scores no worse than the 1st-place style heuristic, in total and on every draw."""
     ours, theirs, raw = [], [], []
     for seed in range(4):
-        truth, image_df, exam_df = metric.synthetic_calibrated(400, seed=seed, min_images=20, max_images=60, noise=0.3)
+        truth, image_df, exam_df = synthetic_calibrated(400, seed=seed, min_images=20, max_images=60, noise=0.3)
         scorer = metric.Scorer(truth)
         assert list(scorer.study_ids) == list(exam_df[STUDY])  # same order: arrays align directly
         raw.append(scorer.score(image_df[IMAGE_LABEL].to_numpy(), exam_df[list(EXAM_LABELS)].to_numpy()))
@@ -198,7 +200,7 @@ def test_expected_loss_repair_beats_bce_heuristic() -> None:
 
 
 def test_long_format_round_trip() -> None:
-    truth, image_df, exam_df = metric.synthetic_calibrated(20, seed=2, min_images=5, max_images=10)
+    truth, image_df, exam_df = synthetic_calibrated(20, seed=2, min_images=5, max_images=10)
     sub = to_long(image_df, exam_df).sample(frac=1.0, random_state=0).reset_index(drop=True)
     ids = truth[[STUDY, SOP]]
     before = hierarchy.check_long(sub, ids)

@@ -1,5 +1,6 @@
-"""The offline Kaggle kernel (pe/inference.py, kernels/): parity with the offline pipeline on the
-phantom, the time-budget fallback, model discovery and the Kaggle upload folders.
+"""The offline Kaggle kernel (pe/infer/kernel.py, kernels/): parity with the offline pipeline on the
+phantom, the time-budget fallback, model discovery, the Kaggle upload folders, and a test split
+with every fault a user meets on real files.
 
 One session fixture trains the whole chain on the shared small phantom, kept tiny: 2 folds, one
 CNN epoch of timm's ``test_efficientnet`` at 64 px, two sequence experiments of 2 epochs each.
@@ -18,9 +19,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pe import ensemble, inference, paths, rspect
-from pe.hierarchy import RULE_IDS, check_long
-from pe.submission import read_submission, validate
+from pe import paths, rspect
+from pe.eval import ensemble
+from pe.eval.hierarchy import RULE_IDS, check_long
+from pe.eval.submission import read_submission, validate
+from pe.infer import kernel as inference
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL = REPO / "kernels" / "rsna-pe-inference" / "inference.py"
@@ -37,12 +40,11 @@ def chain(phantom_dir: Path, phantom_meta: dict[str, Path], phantom_cache: Path,
     all under a temporary root (the env vars are set only while building)."""
     import torch
 
-    from pe.cnn import CNNConfig
-    from pe.embeddings import export_embeddings
-    from pe.folds import make_folds
-    from pe.sequence import SeqConfig
-    from pe.sequence import train_fold as train_seq
-    from pe.train_cnn import train_fold as train_cnn
+    from pe.config import CNNConfig, SeqConfig
+    from pe.data.folds import make_folds
+    from pe.infer.embeddings import export_embeddings
+    from pe.train.cnn import train_fold as train_cnn
+    from pe.train.seq import train_fold as train_seq
 
     root = tmp_path_factory.mktemp("chain")
     env = {"PE_DATA_DIR": phantom_dir, "PE_WORK_DIR": root / "work", "PE_OOF_DIR": root / "oof",
@@ -99,7 +101,7 @@ def _assert_valid_and_consistent(sub_path: Path, data: Path) -> None:
 
 
 def test_stage_table_of_the_chain(chain: dict) -> None:
-    from pe.metric import score
+    from pe.eval.metric import score
 
     rows = {r["stage"]: r for r in chain["stages"]["rows"]}
     assert np.isfinite(rows["CNN max-aggregation"]["oof_metric"])  # found via the members' cnn_exp
@@ -117,7 +119,8 @@ def test_kernel_from_built_dataset_matches_offline_test_predictions(chain: dict,
     predictions (cache JPEGs → export → sequence → 07) when the JPEG round trip is on."""
     env = {**os.environ, **{k: str(v) for k, v in chain["env"].items()}, "OMP_NUM_THREADS": "1"}
     build = tmp_path / "build"
-    subprocess.run([sys.executable, str(MAKE_DATASET), "--out", str(build), "--ensemble", ENS, "--user", "someone"],
+    subprocess.run([sys.executable, str(MAKE_DATASET), "--out", str(build), "--ensemble", ENS, "--user", "someone",
+                    "--no-wheels"],
                    check=True, env=env, capture_output=True, text=True)
     script = build / "rsna-pe-src" / "kernels" / "rsna-pe-inference" / "inference.py"
     models = build / "rsna-pe-models"
@@ -181,11 +184,12 @@ def test_make_kaggle_dataset_writes_metadata(chain: dict, tmp_path: Path, monkey
     mod = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(mod)
-    assert mod.main(["--out", str(tmp_path), "--ensemble", ENS, "--user", "alice", "--folds", "0"]) == 0
+    assert mod.main(["--out", str(tmp_path), "--ensemble", ENS, "--user", "alice", "--folds", "0",
+                     "--no-wheels"]) == 0
     code = json.loads((tmp_path / "rsna-pe-src" / "dataset-metadata.json").read_text())
     assert code["id"] == "alice/rsna-pe-src" and code["title"] and code["licenses"]
-    assert (tmp_path / "rsna-pe-src" / "src" / "pe" / "inference.py").read_text() == \
-        (REPO / "src" / "pe" / "inference.py").read_text()
+    for rel in ("infer/kernel.py", "infer/studies.py"):
+        assert (tmp_path / "rsna-pe-src" / "src" / "pe" / rel).read_text() == (REPO / "src" / "pe" / rel).read_text()
     models = tmp_path / "rsna-pe-models"
     assert json.loads((models / "dataset-metadata.json").read_text())["id"] == "alice/rsna-pe-models"
     runs = sorted(str(p.parent.relative_to(models)) for p in models.glob("*/fold*/best.pt"))
@@ -196,17 +200,21 @@ def test_make_kaggle_dataset_writes_metadata(chain: dict, tmp_path: Path, monkey
     assert kmeta["id"] == "alice/rsna-pe-inference" and kmeta["language"] == "python"
     assert kmeta["enable_gpu"] is True and kmeta["enable_internet"] is False
     assert kmeta["competition_sources"] == ["rsna-str-pulmonary-embolism-detection"]
-    assert set(kmeta["dataset_sources"]) == {"alice/rsna-pe-src", "alice/rsna-pe-models"}
+    assert set(kmeta["dataset_sources"]) == {"alice/rsna-pe-src", "alice/rsna-pe-models", "alice/rsna-pe-wheels"}
+    assert (tmp_path / "rsna-pe-src" / "kernels" / "rsna-pe-inference" / "install_wheels.py").is_file()
+    assert not (tmp_path / "rsna-pe-wheels").exists()  # --no-wheels
     assert (tmp_path / "rsna-pe-inference" / kmeta["code_file"]).is_file()
     nb = json.loads((tmp_path / "rsna-pe-inference" / kmeta["code_file"]).read_text())
-    assert any("inference.py" in "".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    first = [next(i for i, c in enumerate(code) if name in c) for name in ("install_wheels.py", "inference.py")]
+    assert first[0] < first[1]  # the offline install runs before the inference
 
 
 def test_load_study_matches_cache_and_replaces_broken_slices(phantom_meta: dict[str, Path], phantom_cache: Path,
                                                             tmp_path: Path) -> None:
     """The kernel's decoding equals the cache's JPEGs and lung box; an undecodable slice is logged and
     replaced by its nearest decodable neighbour, as the cache does."""
-    from pe.cache import load_boxes, load_index, load_study_images
+    from pe.data.cache import load_boxes, load_index, load_study_images
 
     meta = pd.read_parquet(phantom_meta["test"]).sort_values([rspect.STUDY, "slice_index"])
     study, g = next(iter(meta.groupby(rspect.STUDY, sort=True)))
@@ -224,3 +232,70 @@ def test_load_study_matches_cache_and_replaces_broken_slices(phantom_meta: dict[
     np.testing.assert_array_equal(item.images[2], item.images[1])  # nearest, earlier on ties
     none = inference.load_study(study, sops[:1], [str(broken)], 128, None)
     assert none.images is None and none.errors
+
+
+def _faulty_split(data: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of the phantom's test split with every fault: study A loses one slice's
+    ImagePositionPatient; study B gets truncated pixel data, a duplicate z and a deleted file (its
+    test.csv row stays); study C gets a non-DICOM file, a file named unlike its header's
+    SOPInstanceUID and an extra file whose SOPInstanceUID is a path traversal."""
+    import pydicom
+
+    out = tmp_path / "faulty"
+    shutil.copytree(data / "test", out / "test")
+    for name in ("test.csv", "train.csv"):
+        shutil.copy(data / name, out / name)
+    meta = pd.read_csv(data / "test.csv", dtype=str)
+    studies = sorted(meta[rspect.STUDY].unique())
+    assert len(studies) >= 3
+
+    def files(study: str) -> list[Path]:  # in z order
+        fs = list((out / "test" / study).glob("*/*.dcm"))
+        return sorted(fs, key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))
+
+    fa, fb, fc = files(studies[0]), files(studies[1]), files(studies[2])
+    ds = pydicom.dcmread(fa[len(fa) // 2])
+    ds.SliceLocation = f"{float(ds.ImagePositionPatient[2]):.3f}"  # the fallback the position-less slice gets
+    del ds.ImagePositionPatient
+    ds.save_as(fa[len(fa) // 2], enforce_file_format=True)
+    raw = fb[2].read_bytes()
+    fb[2].write_bytes(raw[: len(raw) - max(200, len(raw) // 3)])  # truncated pixel data
+    ds = pydicom.dcmread(fb[5])
+    ds.ImagePositionPatient = pydicom.dcmread(fb[6], stop_before_pixels=True).ImagePositionPatient  # duplicate z
+    ds.save_as(fb[5], enforce_file_format=True)
+    fb[-1].unlink()  # a test.csv row without a file
+    (fc[0].parent / "readme.txt").write_text("not a DICOM file\n")
+    fc[3].rename(fc[3].with_name("ffffffffffff.dcm"))  # header SOPInstanceUID differs from the file name
+    ds = pydicom.dcmread(fc[4])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "../../../etc/passwd"
+    ds.save_as(fc[0].parent / "traversal.dcm", enforce_file_format=True)
+    return out, {"no_position": fa[len(fa) // 2].stem, "truncated": fb[2].stem, "no_file": fb[-1].stem,
+                 "renamed": fc[3].stem, "study_a": studies[0]}
+
+
+def test_kernel_survives_every_fault_and_predicts_the_slice_without_position(chain: dict, tmp_path: Path) -> None:
+    data, sops = _faulty_split(chain["data"], tmp_path)
+    summary = inference.run_inference(_kernel_cfg(chain, tmp_path, data_dir=data))
+    test_df = pd.read_csv(data / "test.csv", dtype=str)
+    sub = read_submission(tmp_path / "submission.csv")
+    from pe.eval.submission import expected_ids
+
+    assert sorted(sub["id"]) == sorted(expected_ids(test_df))  # the exact row set
+    assert sub["label"].notna().all() and sub["label"].between(0, 1).all()
+    assert not check_long(sub, test_df)[list(RULE_IDS)].to_numpy().any()
+    for kind in ("not_dicom", "invalid_uid", "path_mismatch", "missing_file", "duplicate_z", "position_fallback"):
+        assert summary["problems"].get(kind, 0) >= 1, (kind, summary["problems"])
+    assert summary["decode_errors"] == 1 and summary["failed_studies"] == []
+    reasons = {f[rspect.SOP]: f["reason"] for f in summary["fallback_images"]}
+    assert reasons == {sops["no_position"]: "position_fallback", sops["truncated"]: "undecodable",
+                       sops["no_file"]: "no_file"}
+    # The position-less slice: kept, placed where its z was, predicted from its own pixels. Study A has
+    # no other fault, so its predictions equal the offline pipeline's on the intact files.
+    raw = pd.read_csv(tmp_path / "raw.csv", dtype={"id": str}).set_index("id")["label"]
+    offline = pd.read_csv(chain["ens_test"], dtype={"id": str}).set_index("id")["label"]
+    study_a = test_df.loc[test_df[rspect.STUDY] == sops["study_a"], rspect.SOP]
+    np.testing.assert_allclose(raw.reindex(study_a).to_numpy(), offline.reindex(study_a).to_numpy(), atol=1e-4)
+    others = raw.reindex(study_a.drop(study_a.index[study_a == sops["no_position"]]))
+    assert abs(raw[sops["no_position"]] - others.mean()) > 1e-4  # not the study mean
+    assert sops["renamed"] in set(sub["id"]) and raw[sops["renamed"]] == pytest.approx(offline[sops["renamed"]],
+                                                                                      abs=0.05)

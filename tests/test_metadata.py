@@ -13,7 +13,9 @@ import pydicom
 import pytest
 from pydicom import config as dicom_config
 
-from pe import metadata, phantom, rspect
+from pe import rspect
+from pe.data import metadata
+from pe.synthetic import phantom
 
 LABEL_COLUMNS = [c for c in rspect.TRAIN_COLUMNS if c not in rspect.ID_COLUMNS]
 
@@ -115,7 +117,7 @@ def test_every_problem_is_reported_and_nothing_crashes(tmp_path: Path, capsys: p
     _rewrite(f(rows1[0]), ImagePositionPatient=z_other)  # duplicate_z
     _rewrite(f(rows1[2]), SeriesInstanceUID="dddddddddddd")  # multiple_series, label_id_mismatch, path
     _rewrite(f(rows2[0]), SOPInstanceUID="../../etc/x")  # invalid_uid in a header
-    _rewrite(f(rows2[1]), ImagePositionPatient=None)  # missing_tag
+    _rewrite(f(rows2[1]), ImagePositionPatient=None)  # position_fallback: kept
     bad_row = {**train.iloc[0].to_dict(), "SOPInstanceUID": "not a uid!", }
     pd.concat([train, pd.DataFrame([bad_row])]).to_csv(data / "train.csv", index=False)  # invalid_uid in csv
 
@@ -129,20 +131,22 @@ def test_every_problem_is_reported_and_nothing_crashes(tmp_path: Path, capsys: p
     assert [Path(p).name for p in kinds["unreadable"]] == ["eeeeeeeeeeee.dcm"]
     # Files in train.csv with no usable file: the deleted one and the two excluded below.
     missing = prob.loc[prob["problem"] == "missing_file", "detail"].str.extract(r"SOPInstanceUID (\S+)")[0]
-    assert set(missing) == {rows0[0].SOPInstanceUID, rows2[0].SOPInstanceUID, rows2[1].SOPInstanceUID}
+    assert set(missing) == {rows0[0].SOPInstanceUID, rows2[0].SOPInstanceUID}
     assert [Path(p).name for p in kinds["not_in_labels"]] == ["bbbbbbbbbbbb.dcm"]
     assert [Path(p).name for p in kinds["duplicate_sop"]] == ["cccccccccccc.dcm"]
     assert prob.loc[prob["problem"] == "duplicate_z", "StudyInstanceUID"].tolist() == [studies[1]]
     assert prob.loc[prob["problem"] == "multiple_series", "StudyInstanceUID"].tolist() == [studies[1]]
     assert prob.loc[prob["problem"] == "label_id_mismatch", "StudyInstanceUID"].tolist() == [studies[1]]
     assert any(Path(p) == f(rows2[0]) for p in kinds["invalid_uid"]) and any("train.csv" in p for p in kinds["invalid_uid"])
-    # A header with no ids at all (garbage after the preamble) and one without z.
-    assert sorted(Path(p).name for p in kinds["missing_tag"]) == sorted(["aaaaaaaaaaaa.dcm", f(rows2[1]).name])
+    # A header with no ids at all (garbage after the preamble); the slice without z is kept.
+    assert [Path(p).name for p in kinds["missing_tag"]] == ["aaaaaaaaaaaa.dcm"]
+    assert [Path(p) for p in kinds["position_fallback"]] == [f(rows2[1])]
     assert {Path(p).name for p in kinds["path_mismatch"]} == {"cccccccccccc.dcm", f(rows1[2]).name}
 
-    # Excluded: the non-DICOM files, the orphan, the duplicate, the invalid id, the missing tag.
+    # Excluded: the non-DICOM files, the orphan, the duplicate, the invalid id.
     assert "../../etc/x" not in set(meta["SOPInstanceUID"]) and "bbbbbbbbbbbb" not in set(meta["SOPInstanceUID"])
-    assert len(meta) == len(train) - 1 - 2  # minus the deleted file, the invalid header id, the missing z
+    assert len(meta) == len(train) - 1 - 1  # minus the deleted file and the invalid header id
+    assert rows2[1].SOPInstanceUID in set(meta["SOPInstanceUID"])
     assert meta["SOPInstanceUID"].is_unique
     metadata.check_sorted(meta)
     # Kept with the header's ids: the extra series and the duplicate z.
@@ -200,3 +204,61 @@ def test_interrupted_parse_resumes(phantom_dir: Path, phantom_meta: dict[str, Pa
     assert sum(calls) == n_files - 80  # only what the first run had not finished
     pd.testing.assert_frame_equal(meta, pd.read_parquet(phantom_meta["train"]))
     assert not metadata.parts_dir(out).exists()
+
+
+def test_slices_without_position_are_kept_and_placed_by_fallback(phantom_dir: Path, phantom_meta: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    """No ImagePositionPatient: SliceLocation places the slice; without SliceLocation too, InstanceNumber
+    places it within the series' z order (ascending and descending numbering); with neither, last."""
+    truth = pd.read_csv(phantom_dir / phantom.TRUTH_FILE).set_index("StudyInstanceUID")
+    ref = pd.read_parquet(phantom_meta["train"])
+    picked = {o: next(s for s in sorted(ref["StudyInstanceUID"].unique()) if truth.loc[s, "instance_order"] == o)
+              for o in ("z_ascending", "z_descending")}
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    shutil.copy(phantom_dir / "train.csv", data / "train.csv")
+    for study in picked.values():
+        shutil.copytree(phantom_dir / "train" / study, data / "train" / study)
+    ref = ref[ref["StudyInstanceUID"].isin(picked.values())].set_index("SOPInstanceUID")
+    train = pd.read_csv(data / "train.csv", dtype=str)
+    train[train["StudyInstanceUID"].isin(picked.values())].to_csv(data / "train.csv", index=False)
+
+    def file_at(study: str, k: int) -> tuple[str, Path]:
+        r = ref[(ref["StudyInstanceUID"] == study) & (ref["slice_index"] == k)].iloc[0]
+        return str(r.name), data / "train" / study / r["SeriesInstanceUID"] / f"{r.name}.dcm"
+
+    asc, desc = picked["z_ascending"], picked["z_descending"]
+    by_loc = file_at(asc, 3)
+    _rewrite(by_loc[1], ImagePositionPatient=None, SliceLocation=f"{ref.loc[by_loc[0], 'z']:.3f}")
+    by_num = [file_at(asc, 5), file_at(desc, 4), file_at(desc, 0)]
+    for _, f in by_num:
+        ds = pydicom.dcmread(f)
+        for tag in ("ImagePositionPatient", "SliceLocation"):
+            if tag in ds:
+                del ds[tag]
+        ds.save_as(f, enforce_file_format=True)
+    _rewrite(file_at(desc, 7)[1], ImagePositionPatient=["1", "2", "nan"])  # unusable
+    nothing = file_at(asc, 1)
+    ds = pydicom.dcmread(nothing[1])
+    for tag in ("ImagePositionPatient", "SliceLocation", "InstanceNumber"):
+        if tag in ds:
+            del ds[tag]
+    ds.save_as(nothing[1], enforce_file_format=True)
+
+    out = tmp_path / "meta.parquet"
+    meta = metadata.parse_metadata(data, "train", out, workers=1).set_index("SOPInstanceUID")
+    assert set(meta.index) == set(ref.index)  # every slice kept
+    metadata.check_sorted(meta.reset_index())
+    prob = pd.read_csv(metadata.problems_path(out), dtype=str)
+    flagged = prob[prob["problem"] == "position_fallback"]
+    assert sorted(flagged["file"]) == sorted(str(f) for _, f in [by_loc, *by_num, nothing, file_at(desc, 7)])
+    assert "SliceLocation" in flagged.set_index("file").loc[str(by_loc[1]), "detail"]
+    assert all("InstanceNumber" in flagged.set_index("file").loc[str(f), "detail"] for _, f in by_num)
+    assert "unusable" in flagged.set_index("file").loc[str(file_at(desc, 7)[1]), "detail"]
+    # Every slice except the one with no clue at all keeps its true place; that one goes last.
+    moved = ref.drop(index=nothing[0])
+    for study in picked.values():
+        g = meta[meta["StudyInstanceUID"] == study].drop(index=nothing[0], errors="ignore")
+        want = moved[moved["StudyInstanceUID"] == study].sort_values("slice_index").index.tolist()
+        assert g.sort_values("slice_index").index.tolist() == want, study
+    assert meta.loc[nothing[0], "slice_index"] == meta.loc[nothing[0], "n_slices"] - 1

@@ -12,9 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
-from pe import metric, rspect
+from pe import rspect
+from pe.eval import metric
+from pe.eval.submission import to_long
+from pe.ids import exam_row_id
 from pe.rspect import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY
-from pe.submission import to_long
+from pe.synthetic.predictions import synthetic_calibrated
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +38,7 @@ def _pred(image: dict[str, float], exam: dict[str, dict[str, float]], default: f
     ids, labels = list(image), list(image.values())
     for study, values in exam.items():
         for label in EXAM_LABELS:
-            ids.append(rspect.exam_row_id(study, label))
+            ids.append(exam_row_id(study, label))
             labels.append(values.get(label, default))
     return pd.DataFrame({"id": ids, "label": labels})
 
@@ -97,7 +100,7 @@ def test_only_studies_in_pred_are_scored_and_ids_checked() -> None:
 
 
 def test_scorer_fast_path_matches_and_subsets() -> None:
-    truth, image_df, exam_df = metric.synthetic_calibrated(30, seed=3, min_images=5, max_images=20)
+    truth, image_df, exam_df = synthetic_calibrated(30, seed=3, min_images=5, max_images=20)
     pred = to_long(image_df, exam_df)
     scorer = metric.Scorer(truth)
     ip, ep = scorer.align(pred)
@@ -105,14 +108,14 @@ def test_scorer_fast_path_matches_and_subsets() -> None:
     # a pred restricted to some studies scores as a scorer built for those studies
     keep = scorer.study_ids[:7]
     part = pred[pred["id"].isin(set(truth.loc[truth[STUDY].isin(keep), SOP]))
-                | pred["id"].isin({rspect.exam_row_id(s, c) for s in keep for c in EXAM_LABELS})]
+                | pred["id"].isin({exam_row_id(s, c) for s in keep for c in EXAM_LABELS})]
     assert metric.score(part, truth) == pytest.approx(metric.Scorer(truth, keep).score_long(part), rel=1e-12)
     with pytest.raises(ValueError, match="shape"):
         scorer.score(ip[:-1], ep)
 
 
 def test_breakdown_consistent_and_perfect_auc() -> None:
-    truth, image_df, exam_df = metric.synthetic_calibrated(40, seed=4, min_images=5, max_images=20)
+    truth, image_df, exam_df = synthetic_calibrated(40, seed=4, min_images=5, max_images=20)
     bd = metric.score_breakdown(to_long(image_df, exam_df), truth)
     assert sum(v["loss"] for v in bd["labels"].values()) == pytest.approx(bd["score"], rel=1e-12)
     assert sum(v["weight"] for v in bd["labels"].values()) == pytest.approx(1.0, rel=1e-12)
@@ -188,14 +191,14 @@ def test_prior_predictions_use_study_means() -> None:
 
 
 def test_calibrated_predictions_beat_prior() -> None:
-    truth, image_df, exam_df = metric.synthetic_calibrated(200, seed=5, min_images=10, max_images=40)
+    truth, image_df, exam_df = synthetic_calibrated(200, seed=5, min_images=10, max_images=40)
     model = metric.score(to_long(image_df, exam_df), truth)
     prior = metric.score(metric.prior_predictions(truth, truth), truth)
     assert model < prior - 0.03
 
 
 def test_score_script(tmp_path: Path, capsys: pytest.CaptureFixture[str], load_script) -> None:
-    truth, image_df, exam_df = metric.synthetic_calibrated(15, seed=6, min_images=5, max_images=15)
+    truth, image_df, exam_df = synthetic_calibrated(15, seed=6, min_images=5, max_images=15)
     truth.to_csv(tmp_path / "train.csv", index=False)
     pred = to_long(image_df, exam_df)
     pred.assign(fold=1).to_csv(tmp_path / "sub.csv", index=False)  # an OOF file's fold column is ignored

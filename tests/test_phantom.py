@@ -14,7 +14,9 @@ import pydicom
 import pytest
 from pydicom import config as dicom_config
 
-from pe import phantom, rspect
+from pe import rspect
+from pe.ids import exam_row_id
+from pe.synthetic import phantom
 
 TINY = dict(train_studies=4, test_studies=1, seed=7, size=48, min_slices=6, max_slices=9)
 
@@ -75,7 +77,7 @@ def test_layout_columns_and_submission(phantom_dir: Path) -> None:
     assert tuple(sub.columns) == rspect.SUBMISSION_COLUMNS
     studies = test["StudyInstanceUID"].unique()
     assert len(sub) == len(test) + 9 * len(studies)
-    want_ids = set(test["SOPInstanceUID"]) | {rspect.exam_row_id(s, lab) for s in studies for lab in rspect.EXAM_LABELS}
+    want_ids = set(test["SOPInstanceUID"]) | {exam_row_id(s, lab) for s in studies for lab in rspect.EXAM_LABELS}
     assert set(sub["id"]) == want_ids and sub["id"].is_unique
     assert (sub["label"] == 0.5).all()
 

@@ -84,7 +84,8 @@ def _check_auc(learned: dict[str, object]) -> None:
 
 
 def _check_pointing(learned: dict[str, object]) -> None:
-    from pe.report import explain_slices, load_embolus_boxes, original_shapes, pointing_results
+    from pe.report.explain_maps import explain_slices, pointing_results
+    from pe.report.inputs import load_embolus_boxes, original_shapes
 
     oof = pd.read_parquet(paths.exp_oof_dir(EXP) / f"cnn_fold{FOLD}.parquet")
     meta = pd.read_parquet(learned["meta"], columns=[SOP, IMAGE_LABEL])

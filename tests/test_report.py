@@ -13,8 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pe import metric, paths
-from pe.report import choose_studies, evaluate, expected_calibration_error, per_study_loss
+from pe import paths
+from pe.eval import metric
+from pe.report.evaluation import choose_studies, evaluate, per_study_loss
+from pe.report.plots import expected_calibration_error
 from pe.rspect import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY, TRAIN_COLUMNS
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -256,9 +258,9 @@ def test_report_explains_phantom_slices_with_fold_models(load_script, phantom_di
 
     import torch
 
-    from pe.cnn import CNNConfig, build_model
-    from pe.config import to_dict
-    from pe.folds import make_folds
+    from pe.config import CNNConfig, to_dict
+    from pe.data.folds import make_folds
+    from pe.models.slice_cnn import build_model
 
     torch.manual_seed(0)
     monkeypatch.setenv("PE_DATA_DIR", str(phantom_dir))
@@ -312,8 +314,9 @@ def test_report_explains_phantom_slices_with_fold_models(load_script, phantom_di
     # input resize): an embolus sits in a contrast-filled artery, so a box holds far more of the
     # slice's brightest PE-window pixels (top 10 %) than a box placed at random (10 %), and far more
     # than the same box mapped while ignoring the lung crop.
-    from pe.explain import boxes_mask, boxes_to_input_frame
-    from pe.report import cnn_oof_folds, explain_slices, load_embolus_boxes, original_shapes, study_folds
+    from pe.explain.pointing import boxes_mask, boxes_to_input_frame
+    from pe.report.explain_maps import explain_slices
+    from pe.report.inputs import cnn_oof_folds, load_embolus_boxes, original_shapes, study_folds
 
     # The fold that explains a study is the one whose CNN OOF file holds it (= its validation fold).
     pd.testing.assert_series_equal(cnn_oof_folds("tiny").sort_index(), study_folds().sort_index(),
@@ -338,12 +341,12 @@ def test_report_explains_phantom_slices_with_fold_models(load_script, phantom_di
 
 
 def test_cnn_experiment_is_read_from_the_ensemble_members_configs() -> None:
-    from pe.report import resolve_cnn_exp
+    from pe.eval.pred_files import cnn_exp_of
 
-    assert resolve_cnn_exp("ens_x") == "demo"  # nothing on disk: the default
+    assert cnn_exp_of("ens_x") is None  # nothing on disk says
     paths.exp_oof_dir("ens_x").mkdir(parents=True, exist_ok=True)
     (paths.exp_oof_dir("ens_x") / "weights.json").write_text(json.dumps({"members": ["seq_a", "seq_b"]}))
     run = paths.run_dir("seq_b", 0)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text("name: seq_b\ncnn_exp: cnn_small\n")
-    assert resolve_cnn_exp("ens_x") == "cnn_small"
+    assert cnn_exp_of("ens_x") == "cnn_small"

@@ -12,23 +12,14 @@ import pytest
 import torch
 
 from pe import paths
-from pe.baselines import max_aggregation_predictions
-from pe.metric import prior_predictions, score
+from pe.config import SeqConfig
+from pe.data.seq_items import StudySeq, collate
+from pe.eval.baselines import max_aggregation_predictions, prior_predictions
+from pe.eval.metric import score
+from pe.models.seq_rnn import SeqModel, input_dim, load_seq_model, predict_study
 from pe.rspect import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY
-from pe.sequence import (
-    SeqConfig,
-    SeqModel,
-    StudySeq,
-    collate,
-    fit,
-    input_dim,
-    load_seq_model,
-    metric_from_logits,
-    predict_items,
-    predict_study,
-    predictions_long,
-    save_checkpoint,
-)
+from pe.train.core import save_checkpoint
+from pe.train.seq import checkpoint_state, fit, metric_from_logits, predict_items, predictions_long
 
 ROOT = Path(__file__).resolve().parents[1]
 E = {k: i for i, k in enumerate(EXAM_LABELS)}
@@ -153,7 +144,7 @@ def test_loss_equals_numpy_metric_float64() -> None:
     for i, x in enumerate(image_logits):
         il[i, : len(x)] = torch.from_numpy(x)
     il[~batch["mask"]] = 50.0  # padding logits are ignored
-    from pe.metric import torch_metric_loss
+    from pe.eval.metric import torch_metric_loss
 
     got = torch_metric_loss(il, batch["image_targets"].double(), batch["mask"], torch.from_numpy(exam_logits),
                             batch["exam_targets"].double())
@@ -195,7 +186,7 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     items = synthetic_studies(4, seed=5)
     model = SeqModel(input_dim(16, cfg), cfg).eval()
     model.set_input_stats(np.full(input_dim(16, cfg), 0.5), np.full(input_dim(16, cfg), 2.0))
-    save_checkpoint(tmp_path / "best.pt", model, cfg, epoch=3, val_metric=0.25)
+    save_checkpoint(tmp_path / "best.pt", checkpoint_state(model, cfg, epoch=3, val_metric=0.25))
     loaded, lcfg = load_seq_model(tmp_path / "best.pt", "cpu")
     assert lcfg == cfg
     for it in items:
@@ -282,7 +273,8 @@ def test_fold_script_writes_contract_outputs(load_script, synthetic_tree: dict[i
 
 
 def test_leaking_embeddings_are_rejected(synthetic_tree: dict[int, list[StudySeq]]) -> None:
-    from pe.sequence import load_fold_data, load_train_labels
+    from pe.data.seq_items import load_fold_data
+    from pe.data.tables import load_train_labels
 
     # fold 1's folder also holds a fold-0 study: a study must appear exactly once across folds
     _write_embeddings("synth", 1, "train", synthetic_tree[1] + synthetic_tree[0][:1])
@@ -315,3 +307,64 @@ def test_max_aggregation_baseline_rows() -> None:
     assert got["b_rv_lv_ratio_lt_1"] == pytest.approx(0.2 * 1 / 4)
     assert got["a_indeterminate"] == pytest.approx(0.2 * 2 / 4)
     assert got["b_negative_exam_for_pe"] == pytest.approx(0.8 * 2 / 4)
+
+
+# --- inductive bias for small data (issue 14): the CNN's evidence reaches the heads directly ---------
+
+BIAS = dataclasses.replace(SMALL, cnn_skip=True, evidence_heads=True, evidence_topk=3)
+
+
+def test_bias_paths_start_at_the_cnn_and_the_evidence_regression() -> None:
+    from pe.models.seq_rnn import cnn_logits
+    from pe.train.seq import build_model, fit_evidence_init, study_evidence
+
+    items = synthetic_studies(40, seed=5)
+    torch.manual_seed(0)
+    model = build_model(items, BIAS).eval()
+    batch = collate(items[:6], BIAS)
+    with torch.no_grad():
+        out = model(batch["x"], batch["mask"], batch["cnn_logit"])
+    for i, it in enumerate(items[:6]):  # image logits = the CNN's logits before any training
+        np.testing.assert_allclose(out["image_logits"][i, : len(it.probs)].numpy(), cnn_logits(it.probs), atol=1e-5)
+    mean, std, w, b = fit_evidence_init(items, BIAS)
+    z = (study_evidence(items[:6], 3) - mean) / std
+    np.testing.assert_allclose(out["exam_logits"].numpy(), z @ w.T + b, atol=1e-4)
+    # the regression uses the evidence the right way round: PE raises P(positive-only labels)
+    assert w[E["rightsided_pe"], 0] > 0 and w[E["negative_exam_for_pe"], 0] < 0
+    with pytest.raises(ValueError, match="cnn_logit"):
+        model(batch["x"], batch["mask"])
+
+
+def test_bias_paths_keep_padding_invariance() -> None:
+    items = synthetic_studies(3, seed=2, min_len=8, max_len=30)
+    torch.manual_seed(0)
+    from pe.train.seq import build_model
+
+    model = build_model(synthetic_studies(20, seed=3), BIAS).eval()
+    alone, padded = collate([items[0]], BIAS), collate(items, BIAS)
+    n = len(items[0].probs)
+    with torch.no_grad():
+        a = model(alone["x"], alone["mask"], alone["cnn_logit"])
+        logit = padded["cnn_logit"].clone()
+        logit[~padded["mask"]] = 50.0  # garbage at padded positions must not leak into max / top-k
+        p = model(padded["x"], padded["mask"], logit)
+    torch.testing.assert_close(p["image_logits"][0, :n], a["image_logits"][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(p["exam_logits"][0], a["exam_logits"][0], atol=1e-5, rtol=0)
+
+
+def test_bias_paths_learn_the_exam_from_few_studies() -> None:
+    """24 training studies: the plain model's exam PE stays near the prior, the biased one ranks
+    studies by the CNN's evidence (study-level PE AUC) and scores better on the metric."""
+    from sklearn.metrics import roc_auc_score
+
+    train, val = synthetic_studies(24, seed=11), synthetic_studies(60, seed=12, prefix="v")
+    truth = truth_frame(val)
+    y = np.array([1 - it.exam_labels[E["negative_exam_for_pe"]] - it.exam_labels[E["indeterminate"]] for it in val])
+    results = {}
+    for name, cfg in {"plain": SMALL, "bias": BIAS}.items():
+        model, _ = fit(dataclasses.replace(cfg, epochs=6, patience=6), train, val)
+        il, el = predict_items(model, val, cfg, torch.device("cpu"))
+        results[name] = (roc_auc_score(y, -el[:, E["negative_exam_for_pe"]]), score(predictions_long(val, il, el), truth))
+    prior = score(prior_predictions(truth_frame(train), truth[[STUDY, SOP]]), truth)
+    assert results["bias"][0] > 0.9 and results["bias"][0] > results["plain"][0] + 0.05, results
+    assert results["bias"][1] < results["plain"][1] and results["bias"][1] < prior, (results, prior)

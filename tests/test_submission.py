@@ -8,16 +8,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pe import hierarchy, metric, submission
+from pe.eval import hierarchy, metric, submission
+from pe.eval.submission import SubmissionError
 from pe.rspect import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY
-from pe.submission import SubmissionError
+from pe.synthetic.predictions import synthetic_calibrated
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
 def small() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    truth, image_df, exam_df = metric.synthetic_calibrated(6, seed=1, min_images=3, max_images=6)
+    truth, image_df, exam_df = synthetic_calibrated(6, seed=1, min_images=3, max_images=6)
     return truth[[STUDY, "SeriesInstanceUID", SOP]], image_df, exam_df
 
 
@@ -78,7 +79,7 @@ def test_write_read_atomic_and_exact(tmp_path: Path, small: tuple[pd.DataFrame, 
 
 
 def test_make_submission_script(tmp_path: Path, capsys: pytest.CaptureFixture[str], load_script) -> None:
-    truth, image_df, exam_df = metric.synthetic_calibrated(30, seed=7, min_images=5, max_images=15)
+    truth, image_df, exam_df = synthetic_calibrated(30, seed=7, min_images=5, max_images=15)
     test = truth[[STUDY, "SeriesInstanceUID", SOP]]
     test.to_csv(tmp_path / "test.csv", index=False)
     pred = submission.to_long(image_df, exam_df)

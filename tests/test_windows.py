@@ -1,4 +1,4 @@
-"""pe.windows: the three RSPECT windows, exact values, numba kernel == float64 reference, LUT path."""
+"""pe.data.windows: the three RSPECT windows, exact values, numba kernel == float64 reference, LUT path."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import data_store
 import numpy as np
 import pytest
 
-from pe.dicom import read_dataset, read_hu, read_pixels, rescale
-from pe.windows import WINDOWS, window_pixels, window_rgb, window_rgb_reference
+from pe.data.dicom import read_dataset, read_hu, read_pixels, rescale
+from pe.data.windows import WINDOWS, window_pixels, window_rgb, window_rgb_reference
 
 UNCR = Path(data_store.__file__).parent / "data" / "693_UNCR.dcm"
 
@@ -66,7 +66,7 @@ def test_bgr_and_buffer_reuse() -> None:
 @pytest.mark.parametrize("slope, intercept, dtype", [(1.0, -1024.0, np.int16), (1.0, -1024.0, np.uint16),
                                                      (0.5, -512.25, np.int16), (2.0, -3000.0, np.uint16)])
 def test_lookup_table_path_is_bit_identical(slope: float, intercept: float, dtype: type) -> None:
-    from pe.dicom import hu_from_pixels
+    from pe.data.dicom import hu_from_pixels
 
     rng = np.random.default_rng(0)
     info = np.iinfo(dtype)

@@ -1,4 +1,4 @@
-"""Kaggle inference for RSNA STR PE: test DICOMs → submission.csv (logic in src/pe/inference.py).
+"""Kaggle inference for RSNA STR PE: test DICOMs → submission.csv (logic in src/pe/infer/kernel.py).
 
 On Kaggle (offline GPU notebook; datasets attached by kernel-metadata.json):
 
@@ -15,7 +15,11 @@ Reads   <data-dir>/<split>/**.dcm and <data-dir>/<split>.csv; model run folders
         (<exp>/fold<k>/{best.pt,config.yaml}: the CNN and the sequence experiments) and optionally the
         ensemble's weights.json (stage 07; found automatically at the top of a --models folder).
 Writes  --out: the repaired submission, validated against <split>.csv; --raw-out: the blend before
-        the repair; --summary-json: timing, folds used per study, repair counts.
+        the repair; --summary-json: timing, folds used per study, repair counts, metadata problems by
+        kind and every image whose prediction is a fallback, with its reason (fallback_images).
+
+On Kaggle the notebook first runs install_wheels.py (beside this script) to install the pinned
+packages offline from the rsna-pe-wheels dataset.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def _add_pe_to_path() -> Path:
 
 PE_SRC = _add_pe_to_path()
 
-from pe.inference import InferenceConfig, InferenceError, run_inference  # noqa: E402
+from pe.infer.kernel import InferenceConfig, InferenceError, run_inference  # noqa: E402
 from pe.io import write_json_atomic  # noqa: E402
 
 KAGGLE_DATA = Path("/kaggle/input/rsna-str-pulmonary-embolism-detection")

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from pe import paths
 from pe.io import write_text_atomic
 
 T = TypeVar("T")
@@ -67,7 +69,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
-    """``["lr=1e-3", "aug.p=0.5"]`` → ``{"lr": 1e-3, ...}`` (values parsed as YAML scalars)."""
+    """``["lr=1e-3", "aug_affine_p=0.5"]`` → ``{"lr": 1e-3, ...}`` (values parsed as YAML scalars)."""
     out: dict[str, Any] = {}
     for item in overrides or []:
         key, sep, raw = item.partition("=")
@@ -113,3 +115,120 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically) so a run folder says how it was made."""
     write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------- experiment configs
+
+@dataclass
+class CNNConfig:
+    """All options of one CNN experiment; defaults are a reasonable real-data starting point."""
+
+    name: str = "cnn"  # experiment name: work/models/<name>/fold<k>, oof/<name>/
+    seed: int = 42
+    # --- data ---
+    cache_size: int = 512  # which cache to read when cache_dir is not given: paths.cache_dir(cache_size)
+    cache_dir: str | None = None
+    meta_train: str | None = None  # default paths.meta_path("train")
+    folds_path: str | None = None  # default paths.folds_path()
+    img_size: int = 512
+    neighbors: int = 1  # slices on each side of the centre slice
+    crop_lung: bool = True
+    # --- model ---
+    backbone: str = "tf_efficientnetv2_s"
+    pretrained: bool = False  # timm's cache (no download possible offline)
+    pretrained_path: str | None = None  # local state_dict file; first conv adapted to in_chans
+    drop_rate: float = 0.2  # dropout before the heads
+    drop_path_rate: float = 0.1
+    exam_heads: bool = False
+    global_pool: str = "avg"  # timm pooling of the last feature map: avg | max | avgmax
+    # --- augmentation (applied to the channel-stacked array: identical on every stacked slice) ---
+    aug: bool = True
+    aug_hflip_p: float = 0.0
+    aug_affine_p: float = 0.7
+    aug_scale: float = 0.15
+    aug_shift: float = 0.08
+    aug_rotate: float = 15.0
+    aug_brightness_p: float = 0.5
+    aug_brightness: float = 0.15
+    aug_contrast: float = 0.15
+    aug_cutout_p: float = 0.5
+    aug_cutout_holes: int = 2
+    aug_cutout_size: float = 0.3  # max hole side as a fraction of the image
+    # --- optimisation ---
+    epochs: int = 10
+    batch_size: int = 32  # per GPU / process
+    accum_steps: int = 1
+    lr: float = 4e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 1e-2
+    warmup_epochs: float = 0.5
+    loss: str = "bce"  # bce | focal
+    focal_gamma: float = 2.0
+    pos_weight: float = 1.0
+    exam_loss_weight: float = 0.5
+    pos_oversample: float = 1.0  # positive slices per epoch, as a multiple of their count
+    neg_per_epoch_frac: float = 1.0  # fraction of negative slices drawn (anew) per epoch
+    grad_clip: float = 0.0  # max grad norm; 0 = off
+    ema: bool = False
+    ema_decay: float = 0.999
+    amp: bool = True  # CUDA only
+    amp_dtype: str = "fp16"  # fp16 (GradScaler; P100/V100/T4) | bf16 (A100+)
+    channels_last: bool = True  # NHWC activations: cuDNN on CUDA, oneDNN on the CPU (make bench-loader)
+    compile: bool = False  # torch.compile the training forward (CUDA or CPU; make bench-gpu measures it)
+    # --- run ---
+    num_workers: int = 4
+    val_batch_size: int = 64
+    val_every: int = 1  # validate (and maybe save best.pt) every N epochs and after the last one
+    preload: bool = False  # decode + crop + resize every slice once into RAM (small data: phantom, subsets)
+    save_every_steps: int = 0  # also write last.pt every N optimizer steps (mid-epoch resume)
+    progress: bool = True
+    threads: int = 0  # torch CPU threads per process; 0 = torch default
+    # --- debug (tests) ---
+    stop_after_steps: int = 0  # raise after N optimizer steps, as a crash would (resume tests)
+    debug_sample_log: str | None = None  # folder: each rank appends the sample ids it trained on
+
+
+GLOBAL_POOLS = ("avg", "max", "avgmax")
+
+
+def resolve_paths(cfg: CNNConfig) -> tuple[Path, Path, Path]:
+    """(cache_dir, meta_train, folds_path) with the paths.py defaults filled in."""
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else paths.cache_dir(cfg.cache_size)
+    meta = Path(cfg.meta_train) if cfg.meta_train else paths.meta_path("train")
+    folds = Path(cfg.folds_path) if cfg.folds_path else paths.folds_path()
+    return cache, meta, folds
+
+
+@dataclass
+class SeqConfig:
+    """One stage-2 experiment; YAML files in src/configs/seq_*.yaml override these defaults."""
+
+    name: str = "seq"
+    cnn_exp: str = ""  # stage-1 experiment whose embeddings are read (work/embeddings/<cnn_exp>/); required to train
+    rnn: str = "gru"  # gru | lstm
+    layers: int = 2  # 1 or 2 bidirectional layers
+    hidden: int = 128  # per direction; the sequence features h_k have 2*hidden channels
+    attn_dim: int = 64  # V in the attention pooling maps 2*hidden -> attn_dim
+    dropout: float = 0.2  # between RNN layers and before the heads
+    input_dropout: float = 0.1  # on the standardised per-slice input
+    use_diff: bool = True  # append e_k - e_{k-1} and e_k - e_{k+1}
+    use_prob: bool = True  # append the CNN slice probability
+    # Inductive bias for small data (issue 14): paths from the CNN's own slice evidence to the heads.
+    cnn_skip: bool = False  # image logit = head(h) + w * logit(CNN prob); starts at the CNN (head zeroed, w = 1)
+    evidence_heads: bool = False  # exam logits += a linear map of pooled CNN slice logits (max, top-k mean,
+    #   mean), initialised by a per-label logistic regression on the training studies; the RNN's own exam
+    #   head starts at zero and learns the rest
+    evidence_topk: int = 5  # k of the top-k mean
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    epochs: int = 30
+    warmup_epochs: int = 1
+    batch_size: int = 16
+    min_lr_ratio: float = 0.05  # the cosine schedule ends at this share of lr
+    patience: int = 8  # epochs without a better validation metric before stopping
+    grad_clip: float = 1.0
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    folds_path: str | None = None  # default paths.folds_path(); used to check the embeddings' folds
+    progress: bool = True  # tqdm bars

@@ -110,18 +110,3 @@ def is_valid_uid(uid: object) -> bool:
     if _HEX_ID.fullmatch(uid):
         return True
     return len(uid) <= 64 and _DICOM_UID.fullmatch(uid) is not None
-
-
-def exam_row_id(study_uid: str, label: str) -> str:
-    """Submission id of an exam row: ``<StudyInstanceUID>_<label>``."""
-    return f"{study_uid}_{label}"
-
-
-def split_exam_row_id(row_id: str) -> tuple[str, str] | None:
-    """Inverse of :func:`exam_row_id`; None for an image row id (a bare SOPInstanceUID)."""
-    # Longest first: "acute_and_chronic_pe" also ends with "_chronic_pe".
-    for label in sorted(EXAM_LABELS, key=len, reverse=True):
-        suffix = "_" + label
-        if row_id.endswith(suffix):
-            return row_id[: -len(suffix)], label
-    return None

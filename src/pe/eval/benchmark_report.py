@@ -1,0 +1,278 @@
+"""Figures, table and page of the quality benchmark (bench/bench_quality.py), from the files its
+pipeline runs wrote: the held-out submissions, the CNN's fold-averaged test slice probabilities and
+the fold models (Grad-CAM pointing game). Intervals and pairing: :mod:`pe.eval.benchmark`."""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pe.data.tables import read_truth
+from pe.eval import benchmark as bm
+from pe.eval import metric, submission
+from pe.eval.baselines import max_aggregation_predictions, prior_predictions
+from pe.io import write_json_atomic, write_text_atomic
+from pe.rspect import SOP, STUDY
+
+MAIN_KEYS: tuple[str, ...] = ("score", "study_pe_auc", "image_auc")
+FIGURE_KEYS: tuple[str, ...] = (*MAIN_KEYS, *(f"loss:{lab}" for lab in bm.LABELS))
+BOX_FILES: tuple[str, ...] = ("phantom_test_boxes.csv", "train_boxes.csv")
+
+
+@contextlib.contextmanager
+def pipeline_env(run: Path, data: Path) -> Iterator[None]:
+    """Point src/pe/paths.py at one run's folders inside this process (explanation maps)."""
+    new = {"PE_WORK_DIR": str(run / "work"), "PE_OOF_DIR": str(run / "oof"), "PE_DATA_DIR": str(data)}
+    old = {k: os.environ.get(k) for k in new}
+    os.environ.update(new)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def heldout_boxes(data: Path, sops: set[str]) -> pd.DataFrame | None:
+    """Embolus boxes (SOPInstanceUID, x, y, width, height; original pixels) of held-out slices."""
+    frames = [pd.read_csv(data / f, dtype={SOP: str}) for f in BOX_FILES if (data / f).is_file()]
+    if not frames:
+        return None
+    boxes = pd.concat(frames, ignore_index=True)
+    boxes = boxes[boxes[SOP].isin(sops)]
+    return boxes if len(boxes) else None
+
+
+def pointing_per_study(run: Path, data: Path, scorer: metric.Scorer, cnn_probs: np.ndarray, folds: int,
+                       max_slices: int, seed: int) -> dict[str, np.ndarray] | None:
+    """Grad-CAM pointing game of the fold models on up to ``max_slices`` boxed positive held-out
+    slices (held-out study i explained by fold model i mod K: none of them trained on it), through
+    :func:`pe.report.explain_maps.explain_slices` and :func:`pe.explain.cam.pointing_game`. Returns per-study
+    hits, counts and chance sums (scorer order), or None without boxes."""
+    from pe.explain.pointing import boxes_mask, pointing_game
+    from pe.report.explain_maps import explain_slices
+
+    boxes = heldout_boxes(data, set(scorer.image_ids.astype(str)))
+    if boxes is None:
+        return None
+    df = pd.DataFrame({SOP: scorer.image_ids.astype(str), STUDY: scorer.study_ids[scorer.image_study].astype(str),
+                       "prob": cnn_probs, "truth": scorer.image_truth, "code": scorer.image_study})
+    df = df[(df["truth"] > 0.5) & df[SOP].isin(set(boxes[SOP]))]
+    if len(df) > max_slices:
+        df = df.sample(n=max_slices, random_state=seed)
+    fold_of = pd.Series(np.arange(scorer.n_studies) % folds, index=scorer.study_ids.astype(str))
+    shapes = pd.read_parquet(run / "work" / "meta" / "test.parquet", columns=[SOP, "rows", "columns"]).set_index(SOP)
+    with pipeline_env(run, data):
+        slices = explain_slices("cnn", df[[SOP, STUDY, "prob"]], fold_of, boxes, shapes)
+    code = dict(zip(df[SOP], df["code"], strict=True))
+    out = {k: np.zeros(scorer.n_studies) for k in ("hits", "n", "chance")}
+    for s in slices:
+        if s.boxes is None or not len(s.boxes) or not boxes_mask(s.cam.shape, s.boxes).any():
+            continue
+        r = pointing_game([s.cam], [s.boxes])
+        i = code[s.sop]
+        out["hits"][i] += r.hits
+        out["n"][i] += 1
+        out["chance"][i] += r.chance
+    return out if out["n"].sum() else None
+
+
+def resolved_configs(run: Path, v: bm.Variant) -> dict[str, Any]:
+    """The configs the stages really ran with (fold 0's run folders: every fold gets the same)."""
+    import yaml
+
+    def read(exp: str) -> Any:
+        f = run / "work" / "models" / exp / "fold0" / "config.yaml"
+        return yaml.safe_load(f.read_text()) if f.is_file() else None
+
+    return {"cnn": read("cnn"), "seq": [read(f"{v.name}_m{i}") for i in range(len(v.seq))]}
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> bm.Stat:
+    return lambda w: float(w @ num / (w @ den)) if w @ den > 0 else float("nan")
+
+
+def cnn_figures(run: Path, data: Path, scorer: metric.Scorer, train_truth: pd.DataFrame, args: Any,
+                runner: Any) -> dict[str, Any]:
+    """Per CNN run: the fold-averaged slice probabilities, the max-aggregation baseline's parts and
+    the pointing game's per-study counts."""
+    idx = bm.fold_average(sorted((run / "work" / "embeddings" / "cnn").glob("fold*/test/index.parquet")))
+    probs = idx.set_index(SOP)["prob"].reindex(scorer.image_ids.astype(str)).to_numpy(np.float64)
+    if np.isnan(probs).any():
+        raise bm.BenchError(f"{run}: the CNN's test embeddings miss {int(np.isnan(probs).sum())} held-out slices")
+    maxagg = bm.study_parts(scorer, max_aggregation_predictions(idx, train_truth))
+    point = runner.timed(f"{run.name}/explain", "explain", pointing_per_study, run, data, scorer, probs,
+                         args.folds, args.max_pointing, 0)
+    return {"probs": probs, "maxagg": maxagg, "pointing": point,
+            "slice_auc": bm.slice_auc_stat(scorer.image_study, scorer.image_truth, probs)}
+
+
+def _cis(stats: Mapping[str, bm.Stat], n: int, n_boot: int) -> dict[str, Any]:
+    return {k: bm.ci(n, s, n_boot, seed=0) for k, s in stats.items()}
+
+
+def evaluate(args: Any, variants: Sequence[bm.Variant], seeds: Sequence[int], runs: Mapping[tuple[str, int], Path],
+             data: Path, truth_file: Path, runner: Any) -> dict[str, Any]:
+    """Every figure with its interval (see the benchmark's docstring); also writes nothing."""
+    truth = read_truth(truth_file)
+    train_truth = read_truth(data / "train.csv")
+    scorer = metric.Scorer(truth)
+    n, nb = scorer.n_studies, args.n_boot
+    cnn = {run: cnn_figures(run, data, scorer, train_truth, args, runner) for run in sorted(set(runs.values()))}
+    prior = bm.study_parts(scorer, prior_predictions(train_truth, truth[[STUDY, SOP]]))
+    res: dict[str, Any] = {"n_heldout_studies": n, "n_heldout_images": scorer.n_images,
+                           "n_heldout_pe_studies": int((scorer.q > 0).sum()),
+                           "n_train_studies": int(train_truth[STUDY].nunique()),
+                           "heldout_label_positives": {lab: int(scorer.exam_truth[:, j].sum())
+                                                       for j, lab in enumerate(bm.EXAM_LABELS)},
+                           "prior": _cis({k: bm.figure_stat(prior, k) for k in ("score", "study_pe_auc")}, n, nb),
+                           "variants": {}, "paired": {}}
+    stats: dict[str, dict[str, list[bm.Stat]]] = {}
+    for v in variants:
+        per_seed, stats[v.name] = {}, {k: [] for k in FIGURE_KEYS}
+        for seed in seeds:
+            csv = args.out / "predictions" / f"{v.name}_seed{seed}.csv"
+            parts = bm.study_parts(scorer, submission.read_submission(csv))
+            c = cnn[runs[(v.name, seed)]]
+            seed_stats = {k: bm.figure_stat(parts, k) for k in FIGURE_KEYS}
+            seed_stats["maxagg_score"] = bm.figure_stat(c["maxagg"], "score")
+            seed_stats["maxagg_study_pe_auc"] = bm.figure_stat(c["maxagg"], "study_pe_auc")
+            seed_stats["cnn_slice_auc"] = c["slice_auc"]
+            if c["pointing"] is not None:
+                seed_stats["pointing"] = _ratio(c["pointing"]["hits"], c["pointing"]["n"])
+                seed_stats["pointing_chance"] = _ratio(c["pointing"]["chance"], c["pointing"]["n"])
+            for k, s in seed_stats.items():
+                stats[v.name].setdefault(k, []).append(s)
+            per_seed[seed] = {"predictions": str(csv.relative_to(args.out)), "run": str(runs[(v.name, seed)].name),
+                              "resolved_configs": resolved_configs(runs[(v.name, seed)], v),
+                              "figures": _cis(seed_stats, n, nb),
+                              "pointing_slices": None if c["pointing"] is None else int(c["pointing"]["n"].sum())}
+        mean = _cis({k: bm.mean_over(s) for k, s in stats[v.name].items()}, n, nb)
+        spread = {k: bm.seed_spread([per_seed[s]["figures"][k]["estimate"] for s in seeds]) for k in MAIN_KEYS}
+        res["variants"][v.name] = {"spec": v.as_dict(), "seeds": per_seed, "mean": mean, "seed_spread": spread}
+    base = stats["baseline"]
+    for v in variants[1:]:
+        res["paired"][v.name] = _cis({k: bm.paired_difference(stats[v.name][k], base[k]) for k in MAIN_KEYS}, n, nb)
+    # stage 2 against the CNN max-aggregation of the same CNN, paired (issue 14, item 3's yardstick)
+    for v in variants:
+        res["variants"][v.name]["minus_maxagg"] = _cis({
+            "score": bm.paired_difference(stats[v.name]["score"], stats[v.name]["maxagg_score"]),
+            "study_pe_auc": bm.paired_difference(stats[v.name]["study_pe_auc"], stats[v.name]["maxagg_study_pe_auc"])},
+            n, nb)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# Output
+# ------------------------------------------------------------------------------------------------
+def fmt_num(x: float | None, digits: int = 4) -> str:
+    """A number, or n/a for None / NaN (an undefined AUC, a spread over one seed)."""
+    return "n/a" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+
+
+def fmt_ci(c: Mapping[str, float] | None, digits: int = 4) -> str:
+    if c is None or fmt_num(c["estimate"]) == "n/a":
+        return "n/a"
+    return f"{fmt_num(c['estimate'], digits)} [{fmt_num(c['low'], digits)}, {fmt_num(c['high'], digits)}]"
+
+
+def format_table(r: Mapping[str, Any]) -> str:
+    """The printed table: one row per variant and seed plus the mean over seeds, the baselines, the
+    paired differences and the seed spread."""
+    head = f"{'variant':<14}{'seed':<6}{'metric':<26}{'study PE AUC':<26}{'image AUC':<26}"
+    lines = [f"held-out: {r['n_heldout_studies']} studies ({r['n_heldout_pe_studies']} with PE), "
+             f"{r['n_heldout_images']} images; trained on {r['n_train_studies']} studies, {r['folds']} folds; "
+             f"95 % bootstrap intervals over studies ({r['n_boot']} resamples); metric: lower is better",
+             "", head, "-" * len(head)]
+    for name, v in r["variants"].items():
+        rows = [(str(s), d["figures"]) for s, d in v["seeds"].items()] + [("mean", v["mean"])]
+        for seed, f in rows:
+            lines.append(f"{name:<14}{seed:<6}" + "".join(f"{fmt_ci(f[k]):<26}" for k in MAIN_KEYS))
+    lines.append("-" * len(head))
+    lines.append(f"{'prior':<20}{fmt_ci(r['prior']['score']):<26}{fmt_ci(r['prior']['study_pe_auc']):<26}")
+    by_cnn: dict[tuple[str, ...], list[str]] = {}  # variants sharing their CNN runs share these rows
+    for name, v in r["variants"].items():
+        by_cnn.setdefault(tuple(d["run"] for d in v["seeds"].values()), []).append(name)
+    for names in by_cnn.values():
+        m = r["variants"][names[0]]["mean"]
+        lines.append(f"{'max-agg':<14}{'mean':<6}{fmt_ci(m['maxagg_score']):<26}{fmt_ci(m['maxagg_study_pe_auc']):<26}"
+                     f"(CNN of {', '.join(names)})")
+        lines.append(f"{'CNN slice AUC':<20}{fmt_ci(m['cnn_slice_auc']):<26}"
+                     + (f"pointing game {fmt_ci(m['pointing'], 3)} vs chance {fmt_num(m['pointing_chance']['estimate'], 3)}"
+                        if "pointing" in m else "pointing game: no embolus boxes"))
+    lines += ["", "paired differences (mean over seeds of the per-seed difference; same studies resampled):"]
+    for name, v in r["variants"].items():
+        d = v["minus_maxagg"]
+        lines.append(f"  {name} - max-agg: metric {fmt_ci(d['score'])}, study PE AUC {fmt_ci(d['study_pe_auc'])}")
+    for name, d in r["paired"].items():
+        lines.append(f"  {name} - baseline: " + ", ".join(f"{k} {fmt_ci(d[k])}" for k in MAIN_KEYS))
+    sp = r["variants"]["baseline"]["seed_spread"]
+    lines.append("seed spread of the baseline (sd over seeds, range): "
+                 + ", ".join(f"{k} {fmt_num(sp[k]['sd'])} / {fmt_num(sp[k]['range'])}" for k in MAIN_KEYS))
+    return "\n".join(lines)
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, np.generic):
+        return _clean(obj.item())
+    return obj
+
+
+def plot_labels(r: Mapping[str, Any], path: Path) -> None:
+    """Per-label loss contributions (mean over seeds) of every variant and the prior, with intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(r["variants"])
+    x = np.arange(len(bm.LABELS))
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    for i, name in enumerate(names):
+        m = r["variants"][name]["mean"]
+        est = np.array([m[f"loss:{lab}"]["estimate"] for lab in bm.LABELS])
+        lo = np.array([m[f"loss:{lab}"]["low"] for lab in bm.LABELS])
+        hi = np.array([m[f"loss:{lab}"]["high"] for lab in bm.LABELS])
+        ax.bar(x + i * width, est, width, yerr=[est - lo, hi - est], capsize=2, label=name)
+    ax.set_xticks(x + 0.4 - width / 2, bm.LABELS, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("contribution to the metric (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> str:
+    """results.json, table.txt, labels.png and index.html; returns the table."""
+    table = format_table(results)
+    results["table"] = table
+    write_json_atomic(out / "results.json", _clean(results))
+    write_text_atomic(out / "table.txt", table + "\n")
+    plot_labels(results, out / "labels.png")
+    page = (f"<!doctype html><meta charset='utf-8'><title>bench-quality {html.escape(results['run'])}</title>"
+            f"<h1>Quality benchmark {html.escape(results['run'])}</h1><p>{html.escape(results['machine'])}, "
+            f"{html.escape(results['date'])}, wall time {results['wall_seconds']:.0f} s, data: "
+            f"{html.escape(results['mode'])} of <code>{html.escape(results['data_dir'])}</code> "
+            f"(fingerprint {results['data_fingerprint']})</p><pre>{html.escape(table)}</pre>"
+            "<h2>Metric per label</h2><p><img src='labels.png' alt='per-label contributions'></p>"
+            "<p>Every figure, config and stage time: <a href='results.json'>results.json</a>; held-out "
+            "predictions: <code>predictions/</code>.</p>")
+    write_text_atomic(out / "index.html", page)
+    return table

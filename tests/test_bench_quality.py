@@ -1,0 +1,159 @@
+"""The quality benchmark (bench/bench_quality.py, pe.eval.benchmark): its figures are the competition
+metric's, its paired intervals behave as pairing should, and the whole benchmark runs end to end
+on a tiny phantom with results.json matching the metric recomputed from the written predictions."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from pe import paths
+from pe.data.tables import read_truth
+from pe.eval import benchmark as bm
+from pe.eval import metric
+from pe.eval.submission import read_submission, to_long
+from pe.rspect import EXAM_LABELS, STUDY
+from pe.synthetic.predictions import synthetic_calibrated
+
+
+@pytest.fixture(scope="module")
+def calibrated() -> tuple[pd.DataFrame, pd.DataFrame, metric.Scorer]:
+    truth, image_df, exam_df = synthetic_calibrated(80, seed=3, min_images=20, max_images=40, noise=0.8)
+    return truth, to_long(image_df, exam_df), metric.Scorer(truth)
+
+
+def _shift(pred: pd.DataFrame, truth: pd.DataFrame, toward: float) -> pd.DataFrame:
+    """Every prediction moved a share ``toward`` of the way to its true label (a uniformly better model)."""
+    scorer = metric.Scorer(truth)
+    ids = scorer.all_ids
+    y = np.concatenate([scorer.image_truth, scorer.exam_truth.ravel()])
+    p = pred.set_index("id")["label"].reindex(ids).to_numpy()
+    return pd.DataFrame({"id": ids, "label": p + toward * (y - p)})
+
+
+def test_parts_reproduce_the_competition_metric(calibrated) -> None:
+    truth, pred, scorer = calibrated
+    parts = bm.study_parts(scorer, pred)
+    f = bm.figures(parts)
+    bd = metric.score_breakdown(pred, truth)
+    assert f["score"] == pytest.approx(metric.score(pred, truth), rel=1e-12)
+    assert sum(f[f"loss:{lab}"] for lab in bm.LABELS) == pytest.approx(f["score"], rel=1e-12)
+    for lab in bm.LABELS:
+        assert f[f"loss:{lab}"] == pytest.approx(bd["labels"][lab]["loss"], rel=1e-10)
+    assert f["study_pe_auc"] == pytest.approx(bd["study_pe_auc"], rel=1e-12)
+    assert f["image_auc"] == pytest.approx(bd["image_auc"], rel=1e-12)
+    # doubling every study is the same data; doubling some is a resample: pooled, not averaged
+    assert bm.figures(parts, np.full(parts.n, 2.0))["score"] == pytest.approx(f["score"], rel=1e-12)
+    w = np.zeros(parts.n)
+    w[:10] = 1
+    sub = metric.Scorer(truth, scorer.study_ids[:10])
+    assert bm.figures(parts, w)["score"] == pytest.approx(sub.score(*sub.align(pred, allow_extra=True)), rel=1e-12)
+
+
+def test_weighted_auc_matches_sklearn_with_ties_and_weights() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.random(500) < 0.3
+    s = np.round(rng.random(500), 1)  # many ties
+    w = rng.integers(0, 4, 500).astype(float)
+    a = bm.WeightedAUC(y, s)
+    assert a(w) == pytest.approx(roc_auc_score(y, s, sample_weight=w), rel=1e-12)
+    assert a() == pytest.approx(roc_auc_score(y, s), rel=1e-12)
+    assert math.isnan(a(np.where(y, 0.0, 1.0)))  # one class left
+
+
+def test_paired_interval_sees_a_small_uniform_gain_that_unpaired_intervals_miss(calibrated) -> None:
+    truth, pred, scorer = calibrated
+    better = _shift(pred, truth, 0.03)
+    a, b = bm.study_parts(scorer, better), bm.study_parts(scorer, pred)
+    sa, sb = bm.figure_stat(a, "score"), bm.figure_stat(b, "score")
+    diff = bm.ci(scorer.n_studies, bm.paired_difference([sa], [sb]), n_boot=400, seed=1)
+    assert diff["estimate"] == pytest.approx(metric.score(better, truth) - metric.score(pred, truth), rel=1e-10)
+    assert diff["low"] <= diff["estimate"] <= diff["high"] < 0  # the paired interval excludes 0
+    ca, cb = (bm.ci(scorer.n_studies, s, n_boot=400, seed=1) for s in (sa, sb))
+    assert ca["high"] > cb["low"] and cb["high"] > ca["low"]  # separately, the intervals overlap
+    same = bm.ci(scorer.n_studies, bm.paired_difference([sb], [sb]), n_boot=50, seed=1)
+    assert same["low"] == same["high"] == 0.0
+    with pytest.raises(ValueError, match="same seeds"):
+        bm.paired_difference([sa, sa], [sb])
+
+
+def test_mean_over_seeds_and_spread() -> None:
+    stats = [lambda w, k=k: float(k + w.sum()) for k in (1.0, 3.0)]
+    assert bm.mean_over(stats)(np.ones(4)) == 6.0
+    sp = bm.seed_spread([0.30, 0.34])
+    assert sp["range"] == pytest.approx(0.04) and sp["sd"] == pytest.approx(0.04 / math.sqrt(2))
+
+
+def test_holdout_view_is_stratified_seeded_and_complete(tmp_path: Path, calibrated) -> None:
+    truth = calibrated[0]
+    data = tmp_path / "data"
+    for study in truth[STUDY].unique():
+        (data / "train" / study / "series").mkdir(parents=True)
+        (data / "train" / study / "series" / "1.dcm").write_bytes(b"x")
+    truth.to_csv(data / "train.csv", index=False)
+    held = bm.holdout_studies(truth, 0.25, seed=0)
+    assert held == bm.holdout_studies(truth, 0.25, seed=0) != bm.holdout_studies(truth, 0.25, seed=1)
+    exams = truth.drop_duplicates(STUDY).set_index(STUDY)
+    neg = exams["negative_exam_for_pe"] > 0.5
+    assert abs(neg[held].mean() - neg.mean()) < 0.1  # the held-out part keeps the PE share
+    view, truth_file = bm.make_holdout_view(data, tmp_path / "view", 0.25, seed=0)
+    assert sorted(p.name for p in (view / "test").iterdir()) == held
+    assert len(list((view / "train").iterdir())) == truth[STUDY].nunique() - len(held)
+    dcm = view / "test" / held[0] / "series" / "1.dcm"
+    assert dcm.is_symlink() and dcm.resolve() == (data / "train" / held[0] / "series" / "1.dcm").resolve()
+    assert set(read_truth(truth_file)[STUDY]) == set(held)
+    assert not set(read_truth(view / "train.csv")[STUDY]) & set(held)
+    with pytest.raises(bm.BenchError, match="share"):
+        bm.holdout_studies(truth, 1.5, seed=0)
+
+
+def test_variants_inherit_from_the_baseline_and_bad_files_are_named(tmp_path: Path) -> None:
+    base = bm.load_variant("baseline")
+    gru = bm.load_variant("gru_only")
+    assert gru.cnn == base.cnn and gru.cnn_key() == base.cnn_key() and len(gru.seq) == 1
+    assert bm.load_variant("cnn_maxpool").cnn_key() != base.cnn_key()
+    (tmp_path / "baseline.yaml").write_text((bm.BENCH_CONFIGS / "baseline.yaml").read_text())
+    (tmp_path / "bad.yaml").write_text("sequence: []\n")
+    with pytest.raises(bm.BenchError, match=r"bad\.yaml: unknown key"):
+        bm.load_variant("bad", tmp_path)
+    with pytest.raises(bm.BenchError, match="no such variant"):
+        bm.load_variant("nope", tmp_path)
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = importlib.util.spec_from_file_location("bench_quality", paths.REPO_ROOT / "bench" / "bench_quality.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_quality", mod)  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    out = tmp_path / "out"
+    assert mod.main(["--tiny", "--in-process", "--quiet", "--seeds", "1", "--folds", "2", "--variants", "gru_only",
+                     "--out", str(out), "--work-root", str(tmp_path / "wr"),
+                     "--phantom-dir", str(tmp_path / "phantom")]) == 0
+    r = json.loads((out / "results.json").read_text())
+    truth = read_truth(tmp_path / "phantom" / "phantom_test_labels.csv")
+    test_ids = pd.read_csv(tmp_path / "phantom" / "test.csv", dtype=str)
+    assert r["n_heldout_studies"] == test_ids[STUDY].nunique()
+    for name in ("baseline", "gru_only"):
+        seed0 = r["variants"][name]["seeds"]["0"]
+        pred = read_submission(out / seed0["predictions"])
+        assert len(pred) == len(test_ids) + len(EXAM_LABELS) * test_ids[STUDY].nunique()
+        bd = metric.score_breakdown(pred, truth)
+        assert seed0["figures"]["score"]["estimate"] == pytest.approx(bd["score"], rel=1e-9)
+        assert seed0["figures"]["image_auc"]["estimate"] == pytest.approx(bd["image_auc"], rel=1e-9)
+        lo, est, hi = (seed0["figures"]["score"][k] for k in ("low", "estimate", "high"))
+        assert lo <= est <= hi
+    d = r["paired"]["gru_only"]["score"]["estimate"]
+    assert d == pytest.approx(r["variants"]["gru_only"]["mean"]["score"]["estimate"]
+                              - r["variants"]["baseline"]["mean"]["score"]["estimate"], abs=1e-12)
+    assert r["stage_seconds"] and (out / "index.html").is_file() and (out / "labels.png").is_file()
+    assert "metric" in (out / "table.txt").read_text()

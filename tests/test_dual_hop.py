@@ -1,0 +1,58 @@
+"""Dual-hop model (pe.models.dual_hop): aggregator sizes, frozen hop 1, hop 2 starting as hop 1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pe.config import CNNConfig
+from pe.models.dual_hop import build_dual_hop
+from pe.models.slice_cnn import build_model
+
+BACKBONES = ["test_resnet", "test_efficientnet", "test_convnext", "test_byobnet"]
+
+
+def _cfg(backbone: str) -> CNNConfig:
+    return CNNConfig(backbone=backbone, neighbors=1, pretrained=False, drop_path_rate=0.0, drop_rate=0.0)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_aggregate_has_input_size_and_hop2_starts_as_hop1(backbone: str) -> None:
+    torch.manual_seed(0)
+    hop1 = build_model(_cfg(backbone)).eval()
+    model = build_dual_hop(_cfg(backbone), hop1.state_dict()).eval()
+    for size in (32, 37):  # even and odd: every feature level rounds differently
+        x = torch.randn(2, 9, size, size)
+        with torch.no_grad():
+            agg = model.aggregator(model.hop1_features(x), (size, size))
+            out, ref = model(x), hop1(x)
+        assert agg.shape == x.shape
+        assert out["logit"].shape == (2,) and out["embedding"].shape == (2, model.embedding_dim)
+        # Zero kernels on the added input channels: hop 2 begins exactly where hop 1 is.
+        torch.testing.assert_close(out["logit"], ref["logit"], rtol=1e-4, atol=1e-4)
+
+
+def test_hop1_frozen_while_hop2_trains() -> None:
+    torch.manual_seed(0)
+    model = build_dual_hop(_cfg("test_resnet"), build_model(_cfg("test_resnet")).state_dict())
+    model.train()
+    assert not model.hop1.training and model.hop2.training
+    before = {k: v.clone() for k, v in model.hop1.state_dict().items()}  # weights and BN running stats
+    hop2_before = [p.detach().clone() for p in model.hop2.parameters()]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        loss = model(torch.randn(4, 9, 32, 32))["logit"].pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(not p.requires_grad for p in model.hop1.parameters())
+    for k, v in model.hop1.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(a, b) for a, b in zip(hop2_before, model.hop2.parameters(), strict=True))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.aggregator.parameters())
+
+
+def test_wrong_hop1_weights_are_refused() -> None:
+    other = build_model(_cfg("test_efficientnet")).state_dict()
+    with pytest.raises(RuntimeError):
+        build_dual_hop(_cfg("test_resnet"), other)

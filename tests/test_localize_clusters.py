@@ -1,0 +1,131 @@
+"""Cluster filtering, Pu et al. matching and bootstrap intervals on hand-made cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pe.eval.bootstrap import bootstrap_ci
+from pe.localize.clusters import (
+    ClusterFilter,
+    boxes_to_labels,
+    cluster_table,
+    filter_clusters,
+    match_clusters,
+    per_study_table,
+    pooled_scores,
+    scores_from_counts,
+)
+
+
+def _vol(shape=(6, 64, 64)):
+    return np.zeros(shape, np.int32)
+
+
+def test_one_prediction_touching_two_emboli_counts_both():
+    true, pred = _vol(), _vol()
+    true[2, 10:14, 10:14] = 1
+    true[2, 10:14, 20:24] = 2
+    true[4, 40:44, 40:44] = 3  # missed
+    pred[2, 12, 12:22] = 1  # a bar through emboli 1 and 2
+    pred[0, 50:52, 5:7] = 2  # touches nothing
+    c = match_clusters(pred, true)
+    assert (c.tp, c.fp, c.fn, c.n_pred, c.n_true) == (2, 1, 1, 2, 3)
+    s = scores_from_counts(c.tp, c.fp, c.fn)
+    assert s["sensitivity"] == pytest.approx(2 / 3) and s["ppv"] == pytest.approx(2 / 3)
+    assert s["f1"] == pytest.approx(4 / 6)
+
+
+def test_two_predictions_on_one_embolus_and_3d_intersection():
+    true, pred = _vol(), _vol()
+    true[1:4, 10:20, 10:20] = 1
+    pred[1, 12:14, 12:14] = 1
+    pred[3, 15:17, 15:17] = 2
+    pred[4, 12:14, 12:14] = 3  # same (y, x) as the embolus but the next slice: no 3D intersection
+    c = match_clusters(pred, true)
+    assert (c.tp, c.fp, c.fn) == (1, 1, 0)
+    with pytest.raises(ValueError, match="shape"):
+        match_clusters(pred[:-1], true)
+
+
+def test_empty_cases_give_nan_where_undefined():
+    c = match_clusters(_vol(), _vol())
+    assert (c.tp, c.fp, c.fn) == (0, 0, 0)
+    assert np.isnan(scores_from_counts(0, 0, 0)["f1"])
+    assert scores_from_counts(0, 3, 0)["ppv"] == 0.0
+
+
+def test_filter_drops_small_and_far_clusters_with_scaled_distance():
+    labels = _vol((4, 128, 128))
+    labels[1:3, 60:70, 60:70] = 1  # big, central: kept
+    labels[1, 62:64, 40:42] = 2  # 4 voxels: too small
+    labels[1:3, 2:12, 2:12] = 3  # big, in the corner: 81 px from the centre at 128 px
+    flt = ClusterFilter(min_voxels=20, max_dist_px=160.0, ref_size=512)  # 160 px at 512 → 40 px at 128
+    out = filter_clusters(labels, flt)
+    assert out.max() == 1 and (out[labels == 1] == 1).all() and (out[labels != 1] == 0).all()
+    keep_far = filter_clusters(labels, ClusterFilter(min_voxels=20, max_dist_px=None))
+    assert keep_far.max() == 2  # renumbered 1..n
+    keep_all = filter_clusters(labels, ClusterFilter(min_voxels=None, max_dist_px=None))
+    assert keep_all.max() == 3
+    # A custom centre moves the distance criterion.
+    near_corner = filter_clusters(labels, ClusterFilter(min_voxels=20), centre_yx=(8.0, 8.0))
+    assert near_corner.max() == 1 and (near_corner[labels == 3] == 1).all()
+
+
+def test_boxes_to_labels_joins_boxes_on_neighbouring_slices():
+    boxes = [(1, 10, 10, 14, 14), (2, 12, 12, 16, 16), (5, 40, 40, 44, 44)]
+    labels = boxes_to_labels((8, 64, 64), boxes)
+    assert labels.max() == 2 and labels[1, 10, 10] == labels[2, 15, 15] != labels[5, 40, 40]
+    with pytest.raises(ValueError, match="slice index"):
+        boxes_to_labels((4, 8, 8), [(9, 0, 0, 1, 1)])
+
+
+def _f1_pooled(rows: np.ndarray) -> float:
+    tp, fp, fn = rows.sum(axis=0)
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+def test_bootstrap_pooled_ratio_and_interval_behaviour():
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 6, size=(60, 3)).astype(float)
+    ci = bootstrap_ci(rows, _f1_pooled, n_boot=400, seed=1)
+    assert ci.estimate == pytest.approx(_f1_pooled(rows))
+    assert ci.low < ci.estimate < ci.high and ci.n_valid == 400
+    assert bootstrap_ci(rows, _f1_pooled, n_boot=400, seed=1) == ci  # seeded
+    # More studies → narrower interval (same per-study distribution).
+    wide = bootstrap_ci(rows[:15], _f1_pooled, n_boot=400, seed=1)
+    assert (wide.high - wide.low) > (ci.high - ci.low)
+    # Constant data → degenerate interval; NaN resamples are left out.
+    const = bootstrap_ci(np.ones(10), np.mean, n_boot=50)
+    assert const.low == const.high == 1.0
+    half_nan = bootstrap_ci(np.array([0.0, 1.0]), lambda v: np.nan if v.sum() == 0 else v.mean(), n_boot=200)
+    assert 0 < half_nan.n_valid < 200
+    with pytest.raises(ValueError, match="non-empty"):
+        bootstrap_ci(np.zeros((0, 3)), _f1_pooled)
+
+
+def test_per_study_table_and_pooled_scores():
+    true, pred = _vol(), _vol()
+    true[2, 10:14, 10:14] = 1
+    pred[2, 11, 11] = 1
+    counts = {"s1": match_clusters(pred, true), "s2": match_clusters(_vol(), true), "s3": match_clusters(pred, _vol())}
+    table = per_study_table(counts)
+    assert table[["tp", "fp", "fn"]].to_numpy().tolist() == [[1, 0, 0], [0, 0, 1], [0, 1, 0]]
+    pooled = pooled_scores(table, n_boot=200)
+    assert pooled["f1"].estimate == pytest.approx(2 / 4)
+    assert pooled["sensitivity"].estimate == pytest.approx(0.5) and pooled["ppv"].estimate == pytest.approx(0.5)
+    assert pooled["f1"].low <= 0.5 <= pooled["f1"].high
+    assert pooled["mean_study_f1"].estimate == pytest.approx(1 / 3)
+
+
+def test_cluster_table_boxes_and_scores():
+    labels = _vol()
+    labels[1:3, 10:14, 20:25] = 1
+    labels[5, 0, 0] = 3
+    score = np.zeros(labels.shape, np.float32)
+    score[2, 11, 21] = 0.9
+    t = cluster_table(labels, score)
+    assert t["cluster"].tolist() == [1, 3] and t["voxels"].tolist() == [40, 1]
+    assert t.loc[0, ["z0", "y0", "x0", "z1", "y1", "x1"]].tolist() == [1, 10, 20, 3, 14, 25]
+    assert t.loc[0, "score_max"] == pytest.approx(0.9) and t.loc[0, "score_mean"] == pytest.approx(0.9 / 40)
+    assert cluster_table(_vol()).empty and np.isnan(cluster_table(labels)["score_max"]).all()

@@ -1,0 +1,54 @@
+"""Voting study head (pe.eval.voting): the fit recovers a known rule; the metrics are right."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pe.eval import voting
+
+
+def _studies(mu: int, delta: float, n: int = 120, seed: int = 0) -> tuple[dict, dict]:
+    """Studies whose count of slices above delta is spread around mu (exactly mu - 1 and mu occur);
+    uncounted slices sit just below delta, so only the true (mu, delta) separates the classes."""
+    rng = np.random.default_rng(seed)
+    probs, labels = {}, {}
+    for i in range(n):
+        count = int(rng.integers(0, 2 * mu + 1)) if i >= 2 else mu - 1 + i
+        above = rng.uniform(delta + 0.015, 1.0, count)
+        below = rng.uniform(0.0, delta - 0.015, int(rng.integers(20, 60)))
+        near = np.full(int(rng.integers(0, mu)), delta - 0.012)  # slices a lower delta would count
+        probs[f"s{i}"] = rng.permutation(np.concatenate([above, below, near]))
+        labels[f"s{i}"] = int(count >= mu)
+    return probs, labels
+
+
+@pytest.mark.parametrize(("mu", "delta"), [(3, 0.5), (7, 0.3)])
+def test_fit_recovers_mu_and_delta(mu: int, delta: float) -> None:
+    probs, labels = _studies(mu, delta)
+    rule = voting.fit_voting(probs, labels)
+    assert rule.mu == mu and abs(rule.delta - delta) <= 0.011 and rule.f1 == pytest.approx(1.0)
+    assert rule.predict(probs) == labels
+
+
+def test_fit_beats_fixed_rule_on_noisy_labels() -> None:
+    probs, labels = _studies(4, 0.6, seed=3)
+    flip = list(labels)[::10]
+    noisy = {s: 1 - v if s in flip else v for s, v in labels.items()}
+    rule = voting.fit_voting(probs, noisy)
+    naive = voting.study_metrics(voting.VotingRule(1, 0.5, 0.0).predict(probs), noisy)["f1"]
+    assert rule.f1 > naive and rule.f1 == pytest.approx(voting.study_metrics(rule.predict(probs), noisy)["f1"])
+
+
+def test_study_metrics() -> None:
+    m = voting.study_metrics({"a": 1, "b": 1, "c": 0, "d": 0, "e": 0}, {"a": 1, "b": 0, "c": 1, "d": 0, "e": 0})
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (1, 1, 2, 1)
+    assert m["sensitivity"] == 0.5 and m["specificity"] == pytest.approx(2 / 3)
+    assert m["ppv"] == 0.5 and m["npv"] == pytest.approx(2 / 3) and m["f1"] == 0.5
+
+
+def test_bad_input() -> None:
+    with pytest.raises(ValueError, match="no label"):
+        voting.fit_voting({"a": np.array([0.9])}, {})
+    with pytest.raises(ValueError, match="positive"):
+        voting.fit_voting({"a": np.array([0.9])}, {"a": 0})
