@@ -55,7 +55,7 @@ def test_demo_model_learns_on_held_out_fold(fake: dict[str, Path], tmp_path: Pat
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PE_WORK_DIR", str(tmp_path / "work"))
     monkeypatch.setenv("PE_OOF_DIR", str(tmp_path / "oof"))
-    cfg = _cfg(fake, "learn", ["img_size=64", "epochs=4", "batch_size=16", "neg_per_epoch_frac=0.5",
+    cfg = _cfg(fake, "learn", ["img_size=64", "epochs=4", "val_every=1", "batch_size=16", "neg_per_epoch_frac=0.5",
                                "pos_oversample=1.5", "lr=3e-3"])
     run = train_fold(cfg, fold=0)
     assert run == paths.run_dir("learn", 0)
@@ -151,3 +151,14 @@ def test_torchrun_ddp_two_processes(fake: dict[str, Path], tmp_path: Path) -> No
     assert sorted(oof["SOPInstanceUID"]) == sorted(val_sops) and np.isfinite(oof["prob"]).all()
     assert sorted(p.name for p in (tmp_path / "oof").rglob("*") if p.is_file()) == ["cnn_fold1.parquet"]
     assert proc.stdout.count("epoch 1/1") == 1  # one summary line: rank 0 only
+
+
+def test_validation_every_n_epochs_and_after_the_last(fake: dict[str, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PE_WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.setenv("PE_OOF_DIR", str(tmp_path / "oof"))
+    cfg = _cfg(fake, "every", ["img_size=32", "epochs=3", "val_every=2", "batch_size=16", "neg_per_epoch_frac=0.3"])
+    run = train_fold(cfg, fold=0)
+    metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert ["val_loss" in m for m in metrics] == [False, True, True]  # epoch 2 (every 2nd) and the last
+    assert (run / "best.pt").is_file() and (paths.exp_oof_dir("every") / "cnn_fold0.parquet").is_file()

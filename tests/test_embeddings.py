@@ -47,7 +47,7 @@ def cnn_runs(phantom_meta: dict[str, Path], phantom_cache: Path) -> dict[int, li
 
 def test_export_is_out_of_fold_ordered_and_resumable(cnn_runs: dict[int, list[str]], phantom_cache: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import pe.models.slice_cnn
+    import pe.infer.embeddings
     from pe.data.cache import load_boxes, load_study_images
     from pe.infer.embeddings import export_embeddings, load_study_embeddings
 
@@ -80,13 +80,13 @@ def test_export_is_out_of_fold_ordered_and_resumable(cnn_runs: dict[int, list[st
     gone = cnn_runs[0][1]
     (d / f"{gone}.npy").unlink()
     calls: list[int] = []
-    real = pe.models.slice_cnn.infer_study
+    real = pe.infer.embeddings.infer_study
 
     def counting(*args, **kwargs):
         calls.append(len(args[2]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pe.models.slice_cnn, "infer_study", counting)
+    monkeypatch.setattr(pe.infer.embeddings, "infer_study", counting)
     export_embeddings(EXP, "train", folds=[0], batch_size=16)
     assert calls == [len(before[before[STUDY] == gone])]
     pd.testing.assert_frame_equal(pd.read_parquet(d / "index.parquet"), before)

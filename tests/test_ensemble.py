@@ -12,6 +12,7 @@ import pytest
 
 from pe import paths, rspect
 from pe.eval import ensemble, metric
+from pe.eval.pred_files import PredictionFileError
 from pe.ids import exam_row_id
 
 SCRIPT = Path(__file__).resolve().parents[1] / "src" / "07_ensemble.py"
@@ -182,13 +183,13 @@ def test_read_member_oof_rejects_an_id_in_two_folds(tmp_path: Path) -> None:
     d.mkdir()
     pd.DataFrame({"id": ["a", "b"], "label": [0.1, 0.2]}).to_csv(d / "fold0.csv", index=False)
     pd.DataFrame({"id": ["b", "c"], "label": [0.1, 0.2]}).to_csv(d / "fold1.csv", index=False)
-    with pytest.raises(ensemble.EnsembleError, match="more than one fold"):
+    with pytest.raises(PredictionFileError, match="more than one fold"):
         ensemble.read_member_oof(d)
     pd.DataFrame({"id": ["c", "c"], "label": [0.1, 0.2]}).to_csv(d / "fold1.csv", index=False)
-    with pytest.raises(ensemble.EnsembleError, match=r"fold1\.csv: 1 duplicated"):
+    with pytest.raises(PredictionFileError, match=r"fold1\.csv: 1 duplicated"):
         ensemble.read_member_oof(d)
     pd.DataFrame({"id": ["c"], "label": [1.5]}).to_csv(d / "fold1.csv", index=False)
-    with pytest.raises(ensemble.EnsembleError, match="not finite in"):
+    with pytest.raises(PredictionFileError, match="not finite in"):
         ensemble.read_member_oof(d)
 
 

@@ -14,6 +14,7 @@ import torch
 
 from pe import rspect
 from pe.eval import metric
+from pe.eval.baselines import prior_predictions
 from pe.eval.submission import to_long
 from pe.ids import exam_row_id
 from pe.rspect import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY
@@ -181,7 +182,7 @@ def test_prior_predictions_use_study_means() -> None:
         "B": ([0], {"negative_exam_for_pe": 1}),
     })
     target = pd.DataFrame({STUDY: ["T", "T", "U"], SOP: ["t0", "t1", "u0"]})
-    prior = metric.prior_predictions(truth, target).set_index("id")["label"]
+    prior = prior_predictions(truth, target).set_index("id")["label"]
     assert len(prior) == 3 + 2 * 9
     assert prior["t0"] == prior["u0"] == pytest.approx(2 / 5)  # images: 2 positive of 5
     # studies: (1 + 1) / (2 + 2) by the rule of succession (not 4 of 5 image rows)
@@ -193,7 +194,7 @@ def test_prior_predictions_use_study_means() -> None:
 def test_calibrated_predictions_beat_prior() -> None:
     truth, image_df, exam_df = synthetic_calibrated(200, seed=5, min_images=10, max_images=40)
     model = metric.score(to_long(image_df, exam_df), truth)
-    prior = metric.score(metric.prior_predictions(truth, truth), truth)
+    prior = metric.score(prior_predictions(truth, truth), truth)
     assert model < prior - 0.03
 
 

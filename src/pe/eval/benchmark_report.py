@@ -135,7 +135,7 @@ def evaluate(args: Any, variants: Sequence[bm.Variant], seeds: Sequence[int], ru
                            "n_train_studies": int(train_truth[STUDY].nunique()),
                            "heldout_label_positives": {lab: int(scorer.exam_truth[:, j].sum())
                                                        for j, lab in enumerate(bm.EXAM_LABELS)},
-                           "prior": _cis({k: bm.figure_stat(prior, k) for k in ("score", "study_pe_auc")}, n, nb),
+                           "prior": _cis({k: bm.figure_stat(prior, k) for k in ("score", "study_pe_auc", *FIGURE_KEYS[3:])}, n, nb),
                            "variants": {}, "paired": {}}
     stats: dict[str, dict[str, list[bm.Stat]]] = {}
     for v in variants:
@@ -235,22 +235,23 @@ def _clean(obj: Any) -> Any:
 
 
 def plot_labels(r: Mapping[str, Any], path: Path) -> None:
-    """Per-label loss contributions (mean over seeds) of every variant and the prior, with intervals."""
+    """Per-label loss contributions (mean over seeds) of every variant and of the prior (grey), with
+    their intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(r["variants"])
+    series = {**{name: v["mean"] for name, v in r["variants"].items()}, "prior": r["prior"]}
     x = np.arange(len(bm.LABELS))
-    width = 0.8 / len(names)
+    width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(11, 4.5))
-    for i, name in enumerate(names):
-        m = r["variants"][name]["mean"]
+    for i, (name, m) in enumerate(series.items()):
         est = np.array([m[f"loss:{lab}"]["estimate"] for lab in bm.LABELS])
         lo = np.array([m[f"loss:{lab}"]["low"] for lab in bm.LABELS])
         hi = np.array([m[f"loss:{lab}"]["high"] for lab in bm.LABELS])
-        ax.bar(x + i * width, est, width, yerr=[est - lo, hi - est], capsize=2, label=name)
+        ax.bar(x + i * width, est, width, yerr=[est - lo, hi - est], capsize=2, label=name,
+               color="0.7" if name == "prior" else None)
     ax.set_xticks(x + 0.4 - width / 2, bm.LABELS, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("contribution to the metric (lower is better)")
     ax.legend()
