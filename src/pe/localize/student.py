@@ -45,7 +45,7 @@ class StudentConfig:
     weight_decay: float = 1e-2
     warmup: int = 20
     # "gdl" is the paper's loss; "gdl_ce" (GDL + cross-entropy) is the default because pure GDL had
-    # not started to learn after 150 CPU iterations in tests/test_localize_student.py (F1 0.20 vs 0.84).
+    # not started to learn after 150 CPU iterations in tests/localize/test_localize_student.py (F1 0.20 vs 0.84).
     loss: str = "gdl_ce"
     mixup_alpha: float = 0.4  # Beta(α, α) mixing weight; 0 turns mixup off
     mixup_p: float = 0.5  # share of batches mixed

@@ -12,7 +12,7 @@ import pytest
 from pe.data.folds import check_folds, load_folds, make_folds, merge_small_strata, study_strata
 from pe.rspect import EXAM_LABELS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def fake_meta(n_neg: int = 40, n_ind: int = 3, n_pos: int = 30, seed: int = 0, rows_per_study: int = 3) -> pd.DataFrame:

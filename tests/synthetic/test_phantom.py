@@ -316,7 +316,7 @@ def test_script_main(tmp_path: Path) -> None:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("make_phantom_script",
-                                                  Path(__file__).parents[1] / "src" / "00_make_phantom.py")
+                                                  Path(__file__).parents[2] / "src" / "00_make_phantom.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main(["--out", str(tmp_path), "--train-studies", "2", "--test-studies", "1", "--seed", "1",

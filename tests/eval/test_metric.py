@@ -20,7 +20,7 @@ from pe.ids import exam_row_id
 from pe.rspect import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY
 from pe.synthetic.predictions import synthetic_calibrated
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _truth(exams: dict[str, tuple[list[int], dict[str, int]]]) -> pd.DataFrame:

@@ -21,7 +21,7 @@ from pe.rspect import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY
 from pe.train.core import save_checkpoint
 from pe.train.seq import checkpoint_state, fit, metric_from_logits, predict_items, predictions_long
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 E = {k: i for i, k in enumerate(EXAM_LABELS)}
 
 

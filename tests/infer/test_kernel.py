@@ -25,7 +25,7 @@ from pe.eval.hierarchy import RULE_IDS, check_long
 from pe.eval.submission import read_submission, validate
 from pe.infer import kernel as inference
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KERNEL = REPO / "kernels" / "rsna-pe-inference" / "inference.py"
 MAKE_DATASET = REPO / "kernels" / "make_kaggle_dataset.py"
 CNN_EXP, SEQ_EXPS, ENS = "cnn_k", ("seq_k_gru", "seq_k_lstm"), "ens_k"

@@ -158,7 +158,7 @@ def test_every_problem_is_reported_and_nothing_crashes(tmp_path: Path, capsys: p
 
 def test_parallel_equals_serial_and_script(phantom_dir: Path, phantom_meta: dict[str, Path], tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("parse_script",
-                                                  Path(__file__).parents[1] / "src" / "01_parse_metadata.py")
+                                                  Path(__file__).parents[2] / "src" / "01_parse_metadata.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "m" / "train.parquet"

@@ -25,7 +25,7 @@ from pe.synthetic.caches import write_synthetic_cache
 from pe.train.cnn import SimulatedCrash, train_fold
 from pe.train.core import warmup_cosine as lr_factor
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # The demo backbone (timm test-size ResNet) on small inputs: seconds per epoch on one CPU thread.
 FAST = ["drop_path_rate=0", "num_workers=0", "threads=1", "progress=false",

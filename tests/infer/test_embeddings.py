@@ -14,7 +14,7 @@ import torch
 from pe import paths
 from pe.rspect import SOP, STUDY
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXP = "embtest"
 
 

@@ -27,7 +27,7 @@ from pe.rspect import IMAGE_LABEL, SOP, STUDY
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXP = "demo_learn"
 FOLD = 0
 # Positive-enriched phantom: 120 short studies, 70 % positive exams (~300 positive slices).

@@ -18,7 +18,7 @@ from pe.data.dicom import read_hu
 from pe.data.windows import window_rgb, window_rgb_reference
 
 DATA = Path(data_store.__file__).parent / "data"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @functools.cache

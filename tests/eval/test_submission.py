@@ -13,7 +13,7 @@ from pe.eval.submission import SubmissionError
 from pe.rspect import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY
 from pe.synthetic.predictions import synthetic_calibrated
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()

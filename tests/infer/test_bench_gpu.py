@@ -15,7 +15,7 @@ import torch
 
 from pe.config import CNNConfig
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_gpu.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_gpu.py"
 
 
 @pytest.fixture(scope="module")

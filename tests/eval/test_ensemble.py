@@ -15,7 +15,7 @@ from pe.eval import ensemble, metric
 from pe.eval.pred_files import PredictionFileError
 from pe.ids import exam_row_id
 
-SCRIPT = Path(__file__).resolve().parents[1] / "src" / "07_ensemble.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "src" / "07_ensemble.py"
 
 
 def _load_script():

@@ -19,7 +19,7 @@ from pe.report.evaluation import choose_studies, evaluate, per_study_loss
 from pe.report.plots import expected_calibration_error
 from pe.rspect import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY, TRAIN_COLUMNS
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 
