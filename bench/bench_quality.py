@@ -20,6 +20,19 @@ its test split is the held-out set (its truth is phantom_test_labels.csv). ``--d
 RSPECT-layout folder; held out is its test split when ``--test-truth`` (or phantom_test_labels.csv)
 labels it, else a seeded stratified share (``--holdout``) of train/, through a derived folder of
 symlinks. Stage 01/02 outputs are cached per data fingerprint under ``--work-root``.
+Default size (--scale F multiplies the study counts; --train-studies etc. set them): 180 training +
+60 held-out studies of 30-60 slices at 512 px, 50 % PE-positive exams. Why: 60 held-out studies
+give ~30 PE exams, so every exam label has held-out positives (chronic ~4, acute-and-chronic ~2,
+central ~5, indeterminate 1) and the study-level AUCs are defined; RSPECT's 32 % would leave
+1 acute-and-chronic exam and fewer positive slices for the CNN (the demo's weakness). With K=3,
+each fold trains on ~120 studies (~5,300 slices, ~415 positive); 6 CNN epochs make ~610 optimizer
+steps, the demo's learning budget. Measured on this 2-core machine (2026-11-27, load average
+7-10 from other work, so several times slower than alone): phantom 00 ~370 s (studies 250 s,
+then the anatomy truth files),
+01 16 + 7 s, 02 95 + 38 s (all made once, then reused), CNN epoch 102 steps in 346 s (9.4
+samples/s vs ~104 alone). Estimated alone (104 samples/s): ~260 s per CNN fold, so baseline + a
+stage-2 variant x 2 seeds = 6 CNN folds ~26 min + ~10 min for the rest; a variant that changes
+the CNN doubles the CNN part (~60 min): use --scale 0.5 or --folds 2 for such a comparison here.
 Output in ``--out`` (default reports/bench-quality/<date-time>/): results.json, the printed table
 (table.txt), index.html + labels.png, predictions/<variant>_seed<s>.csv (id,label), logs/, runs/.
 """
