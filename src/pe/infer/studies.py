@@ -104,7 +104,10 @@ def iter_studies(jobs: Sequence[tuple[Any, ...]], workers: int, prefetch: int) -
         for job in jobs:
             yield _load_study_job(job)
         return
-    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    # forkserver, not fork: a fork of a process whose OpenCV / OpenMP / torch thread pools have run
+    # inherits their locks, and the child hangs in _init_worker's cv2.setNumThreads (seen when the
+    # kernel path ran after a training step in the same process).
+    ctx = mp.get_context("forkserver") if "forkserver" in mp.get_all_start_methods() else mp.get_context()
     with ctx.Pool(workers, initializer=_init_worker) as pool:
         pending: deque[Any] = deque()
         it = iter(jobs)

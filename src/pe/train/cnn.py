@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing as mp
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -117,9 +118,13 @@ class Trainer:
         # would see different dropout/random numbers than an uninterrupted one.
         g = torch.Generator().manual_seed(self.cfg.seed)
         nw = self.cfg.num_workers
+        # Workers start from the forkserver, not by fork(): a fork of a process whose OpenCV / OpenMP
+        # thread pools have run inherits their locks, and the child hangs when it reconfigures them
+        # (seen: cv2.setNumThreads in worker_init_fn deadlocked a forked worker under pytest-xdist).
+        ctx = mp.get_context("forkserver") if nw > 0 else None
         return DataLoader(ds, batch_sampler=batch_sampler, num_workers=nw, pin_memory=self.cuda,
                           worker_init_fn=worker_init_fn, generator=g, persistent_workers=False,
-                          prefetch_factor=4 if nw > 0 else None)
+                          prefetch_factor=4 if nw > 0 else None, multiprocessing_context=ctx)
 
     # ----- checkpoints -----
     def _state(self, epoch: int, step_in_epoch: int) -> dict[str, Any]:
