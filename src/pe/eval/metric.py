@@ -32,7 +32,6 @@ from pe.ids import exam_ids, first_ids, match_ids, to_arrow_strings
 from pe.rspect import CLIP_EPS, EXAM_LABELS, IMAGE_LABEL, IMAGE_WEIGHT, SOP, STUDY, THRESHOLD
 
 _EXAM_W = np.asarray(rspect.EXAM_WEIGHT_VECTOR, dtype=np.float64)
-_N_SHOW = 5  # how many offending ids an error message names
 
 
 def bce(y: np.ndarray, p: np.ndarray) -> np.ndarray:

@@ -21,8 +21,6 @@ from pe.ids import exam_ids, first_ids, match_ids, to_arrow_strings
 from pe.io import atomic_path
 from pe.rspect import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY, SUBMISSION_COLUMNS
 
-_N_SHOW = 5
-
 
 class SubmissionError(ValueError):
     """A submission (or prediction file) that does not match its test set or format."""

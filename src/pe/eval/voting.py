@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from pe.eval.metric import binary_stats
+
 DEFAULT_DELTAS = np.round(np.linspace(0.01, 0.99, 99), 2)
 
 
@@ -84,15 +86,9 @@ def study_metrics(pred: Mapping[str, int], labels: Mapping[str, int]) -> dict[st
     studies = sorted(pred)
     p = np.array([int(pred[s]) for s in studies])
     y = np.array([int(labels[s]) for s in studies])
-    tp, fp = int(((p == 1) & (y == 1)).sum()), int(((p == 1) & (y == 0)).sum())
-    tn, fn = int(((p == 0) & (y == 0)).sum()), int(((p == 0) & (y == 1)).sum())
-
-    def ratio(a: int, b: int) -> float:
-        return a / b if b else float("nan")
-
-    return {"sensitivity": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp), "ppv": ratio(tp, tp + fp),
-            "npv": ratio(tn, tn + fn), "f1": ratio(2 * tp, 2 * tp + fp + fn), "accuracy": ratio(tp + tn, len(p)),
-            "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+    stats = binary_stats(y, p == 1)
+    stats["accuracy"] = float((p == y).mean()) if len(p) else float("nan")
+    return stats
 
 
 def probs_by_study(frame: pd.DataFrame, study_col: str = "StudyInstanceUID", prob_col: str = "prob",

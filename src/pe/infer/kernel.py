@@ -53,6 +53,7 @@ from pe.eval.ensemble import EnsembleError, blend_long, equal_spec, from_space, 
 from pe.ids import exam_row_id
 from pe.infer.studies import StudyImages, fallback_images, iter_studies, load_study, read_study_table
 from pe.rspect import EXAM_LABELS, SOP, STUDY
+from pe.train.core import load_checkpoint, resolve_device
 
 __all__ = ["InferenceConfig", "InferenceError", "ModelPlan", "StudyImages", "discover_models", "fold_levels",
            "load_study", "run_inference"]
@@ -105,8 +106,7 @@ def _run_config(run: Path) -> dict[str, Any]:
     cfg_path = run / "config.yaml"
     if cfg_path.is_file():
         return yaml.safe_load(cfg_path.read_text()) or {}
-    ckpt = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
-    return dict(ckpt.get("config", {}))
+    return dict(load_checkpoint(run / "best.pt", ("config",), "checkpoint")["config"])
 
 
 def discover_models(models: Sequence[str | Path], weights: str | Path | None = None,
@@ -196,12 +196,6 @@ class InferenceConfig:
     raw_out: Path | None = None  # also write the blended predictions before the repair
     work_dir: Path | None = None  # where the parsed headers go (default: a temporary folder)
     progress: bool = True
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def cache_size_of(cnn_cfg: Any) -> int:
