@@ -183,6 +183,13 @@ class CNNConfig:
     save_every_steps: int = 0  # also write last.pt every N optimizer steps (mid-epoch resume)
     progress: bool = True
     threads: int = 0  # torch CPU threads per process; 0 = torch default
+    # --- attention supervision (papers/shi2020 section 2.1; pe.train.attention) ---
+    attention_lambda: float = 0.0  # lambda of L_CE + lambda * L_CDC(Grad-CAM, embolus mask); 0 = off (paper 1.0)
+    attention_source: str | None = None  # box CSV or folder of <SOP>.png masks; default <data>/train_boxes.csv
+    attention_studies_frac: float = 1.0  # share of the annotated studies whose annotations are used
+    attention_every_mm: float = 0.0  # one annotated slice every ~N mm in those studies (0 = every slice)
+    attention_negatives: bool = True  # negative slices train the map towards zero (known empty mask)
+    attention_smooth: float = 1.0  # additive smoothing of the continuous Dice (feature-map cells)
     # --- debug (tests) ---
     stop_after_steps: int = 0  # raise after N optimizer steps, as a crash would (resume tests)
     debug_sample_log: str | None = None  # folder: each rank appends the sample ids it trained on

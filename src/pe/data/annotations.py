@@ -20,6 +20,7 @@ annotated slices on a z grid of ``every_mm`` (seeded, deterministic).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import albumentations as A
@@ -27,7 +28,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pe.data.slices import clip_box
+from pe.data.slices import SliceTable, clip_box
 from pe.explain.pointing import boxes_mask, boxes_to_input_frame
 from pe.rspect import SOP, STUDY
 
@@ -193,3 +194,43 @@ def annotated_flags(labels: np.ndarray, sops: np.ndarray, selected: set[str] | f
     lab = np.asarray(labels, dtype=np.float32)
     sel = np.fromiter((str(s) in selected for s in sops), dtype=bool, count=len(sops))
     return sel | ((lab < 0.5) & negatives)
+
+
+@dataclass
+class SampleMasks:
+    """What a :class:`pe.data.slices.SliceDataset` needs to return each sample's embolus mask in its
+    input frame: the annotations, which samples carry a known mask (:func:`annotated_flags`) and each
+    sample's original (Rows, Columns)."""
+
+    annotations: Annotations
+    annotated: np.ndarray  # (n,) bool, per sample of the table
+    shapes: np.ndarray  # (n, 2) int, original rows, columns per sample
+
+    def mask(self, table: SliceTable, i: int, crop_lung: bool, img_size: int) -> np.ndarray:
+        """uint8 (img_size, img_size) un-augmented mask of sample ``i`` (zeros unless annotated)."""
+        if not self.annotated[i]:
+            return np.zeros((img_size, img_size), np.uint8)
+        code = int(table.sample_study[i])
+        size = int(table.box_size[code])
+        crop = table.box(code, size) if crop_lung and size > 0 else None
+        # without a crop the cache size cancels out (original -> cache -> input is one scaling)
+        rows, cols = (int(v) for v in self.shapes[i])
+        return self.annotations.input_mask(str(table.sample_sop[i]), (rows, cols), size if crop else img_size,
+                                           crop, img_size)
+
+
+def sample_masks(table: SliceTable, meta: pd.DataFrame, source: str | Path, studies_frac: float = 1.0,
+                 every_mm: float = 0.0, negatives: bool = True, seed: int = 0) -> SampleMasks:
+    """:class:`SampleMasks` of ``table``'s samples: annotations from ``source`` (box CSV or mask folder),
+    thinned by :func:`select_annotated` (``meta``: stage-01 metadata with z, rows, columns)."""
+    ann = Annotations.from_path(source)
+    missing = [c for c in (SOP, "rows", "columns") if c not in meta.columns]
+    if missing:
+        raise ValueError(f"metadata: missing column(s) {missing}")
+    rows = meta.drop_duplicates(SOP).set_index(meta.drop_duplicates(SOP)[SOP].astype(str))
+    shapes = rows.reindex(table.sample_sop.astype(str))[["rows", "columns"]].to_numpy()
+    if np.isnan(shapes.astype(np.float64)).any():
+        raise ValueError("metadata: some training slices have no rows/columns")
+    selected = select_annotated(meta[meta[STUDY].isin(set(table.studies))], ann.sops, studies_frac, every_mm, seed)
+    flags = annotated_flags(table.label, table.sample_sop, selected, negatives)
+    return SampleMasks(ann, flags, shapes.astype(np.int64))

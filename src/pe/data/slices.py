@@ -252,10 +252,13 @@ class SliceDataset(Dataset):
     """
 
     def __init__(self, table: SliceTable, cfg: CNNConfig, augment: A.Compose | None = None,
-                 preload: bool = False, workers: int = 2) -> None:
+                 preload: bool = False, workers: int = 2, masks: Any = None) -> None:
         self.table = table
         self.cfg = cfg
         self.augment = augment
+        # pe.data.annotations.SampleMasks: samples also carry "mask" (uint8 H, W, augmented with the
+        # image) and "annotated" (bool) for the attention loss
+        self.masks = masks
         # (n_files, img_size, img_size, 3) uint8 when preloaded: every cached slice of the table's
         # studies (neighbours included), cropped and resized once. DataLoader workers share it
         # copy-on-write; samples are bit-identical to the disk path (tested).
@@ -284,12 +287,23 @@ class SliceDataset(Dataset):
         """``image`` is uint8 (C, H, W): normalise with :func:`normalize` (the trainer does, on the device)."""
         i, seed = (key, None) if isinstance(key, (int, np.integer)) else key
         arr = self.load_stack(int(i))
+        mask = None
+        if self.masks is not None:
+            mask = self.masks.mask(self.table, int(i), self.cfg.crop_lung, arr.shape[0])
         if self.augment is not None:
             if seed is not None:
                 self.augment.set_random_seed(int(seed))
-            arr = self.augment(image=arr)["image"]
-        return {"image": to_uint8_tensor(arr), "label": torch.tensor(self.table.label[i]),
+            if mask is None:
+                arr = self.augment(image=arr)["image"]
+            else:  # the same draw moves the mask with the image (albumentations mask target)
+                out = self.augment(image=arr, mask=mask)
+                arr, mask = out["image"], out["mask"]
+        item = {"image": to_uint8_tensor(arr), "label": torch.tensor(self.table.label[i]),
                 "exam": torch.from_numpy(self.table.exam[i]), "index": torch.tensor(int(i))}
+        if mask is not None:
+            item["mask"] = torch.from_numpy(np.ascontiguousarray(mask))
+            item["annotated"] = torch.tensor(bool(self.masks.annotated[i]))
+        return item
 
 
 def available_memory_bytes() -> int | None:

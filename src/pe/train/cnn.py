@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from pe import paths
 from pe.config import CNNConfig, resolve_paths, save_config, to_dict
+from pe.data.annotations import SampleMasks, sample_masks
 from pe.data.cache import load_boxes, load_index
 from pe.data.folds import check_folds, load_folds
 from pe.data.slices import (
@@ -63,7 +64,8 @@ from pe.train.core import (
     save_checkpoint,
     seed_everything,
 )
-from pe.train.losses import LossFn, SliceLoss
+from pe.train.attention import capture_features
+from pe.train.losses import AttentionSliceLoss, LossFn, build_cnn_loss
 
 
 class SimulatedCrash(RuntimeError):
@@ -87,6 +89,8 @@ class Trainer:
         self.oof_path = paths.exp_oof_dir(cfg.name) / f"cnn_fold{fold}.parquet"
         self.device = env.device
         self.cuda = self.device.type == "cuda"
+        self.attention = False  # set by _build: cfg.attention_lambda > 0
+        self._extra: dict[str, float] = {}  # extra per-epoch training figures (train_attention_loss)
 
     # ----- data -----
     def _tables(self) -> tuple[SliceTable, SliceTable | None]:
@@ -111,7 +115,23 @@ class Trainer:
         if np.isnan(train.label).any():
             raise ValueError(f"{meta_path}: pe_present_on_image missing for some training slices")
         val = build_slice_table(meta, index, boxes, cache, val_ids, drop_replaced=False) if val_ids else None
+        self.meta = meta
         return train, val
+
+    def _attention_masks(self, train: SliceTable) -> SampleMasks | None:
+        """The training samples' embolus masks for the attention loss (None when it is off)."""
+        cfg = self.cfg
+        if cfg.attention_lambda <= 0:
+            return None
+        source = Path(cfg.attention_source) if cfg.attention_source else paths.data_dir() / "train_boxes.csv"
+        masks = sample_masks(train, self.meta, source, cfg.attention_studies_frac, cfg.attention_every_mm,
+                             cfg.attention_negatives, cfg.seed)
+        if self.env.is_main:
+            pos = train.label > 0.5
+            print(f"attention loss (lambda {cfg.attention_lambda}): masks from {source}: "
+                  f"{int((masks.annotated & pos).sum())} of {int(pos.sum())} positive and "
+                  f"{int((masks.annotated & ~pos).sum())} negative training slices", flush=True)
+        return masks
 
     def _loader(self, ds: SliceDataset, batch_sampler: Any) -> DataLoader:
         # A private generator: DataLoader must not draw from the global torch RNG, or a resumed run
@@ -171,13 +191,16 @@ class Trainer:
         if env.distributed:
             train_model = nn.parallel.DistributedDataParallel(
                 train_model, device_ids=[self.device.index] if self.cuda else None)
+        if cfg.compile and cfg.attention_lambda > 0:
+            raise ValueError("compile=true and attention_lambda > 0: the attention loss captures a feature map "
+                             "with a forward hook, which torch.compile does not see; turn one off")
         if cfg.compile:  # the training forward only; checkpoints and validation use the plain module
             train_model = torch.compile(train_model)
         for epoch in range(start_epoch, cfg.epochs):
             sampler.set_epoch(epoch, start_batch=start_step_in_epoch * cfg.accum_steps)
             train_loss, n_seen, t_train = self._train_epoch(train_model, train_ds, sampler, epoch, start_step_in_epoch)
             start_step_in_epoch = 0
-            record: dict[str, Any] = {"epoch": epoch, "step": self.step, "train_loss": train_loss,
+            record: dict[str, Any] = {"epoch": epoch, "step": self.step, "train_loss": train_loss, **self._extra,
                                       "lr": self.optimizer.param_groups[0]["lr"], "time": round(t_train, 2),
                                       "samples_per_s": round(n_seen / max(t_train, 1e-9), 2)}
             validate = val_ds is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs)
@@ -197,7 +220,8 @@ class Trainer:
         cfg, env = self.cfg, self.env
         train, val = self._tables()
         t_load = time.perf_counter()
-        train_ds = SliceDataset(train, cfg, build_augment(cfg), preload=cfg.preload, workers=_io_workers(cfg))
+        train_ds = SliceDataset(train, cfg, build_augment(cfg), preload=cfg.preload, workers=_io_workers(cfg),
+                                masks=self._attention_masks(train))
         val_ds = SliceDataset(val, cfg, preload=cfg.preload, workers=_io_workers(cfg)) if val is not None else None
         if cfg.preload and env.is_main:
             arrays = [d.slices for d in (train_ds, val_ds) if d is not None and d.slices is not None]
@@ -238,7 +262,8 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, warmup, self.total_steps, cfg.min_lr / cfg.lr)
         self.use_amp, self.amp_dtype = amp_settings(self.device, cfg.amp, cfg.amp_dtype)
         self.scaler = make_scaler(self.use_amp, self.amp_dtype)
-        self.loss_fn = self.loss_fn or SliceLoss(cfg, model.logit_offset)
+        self.loss_fn = self.loss_fn or build_cnn_loss(cfg, model.logit_offset)
+        self.attention = cfg.attention_lambda > 0
         self.step, self.best_val_loss = 0, float("inf")
 
     def _resume(self) -> tuple[int, int]:
@@ -260,6 +285,8 @@ class Trainer:
     def _summary(self, r: dict[str, Any], improved: bool) -> str:
         s = (f"[{self.cfg.name} fold{self.fold}] epoch {r['epoch'] + 1}/{self.cfg.epochs} step {r['step']} "
              f"train_loss {r['train_loss']:.4f}")
+        if "train_attention_loss" in r:
+            s += f" (attention {r['train_attention_loss']:.4f})"
         if "val_loss" in r:
             s += f" val_loss {r['val_loss']:.4f} val_auc {r['val_auc']:.4f}"
         return s + f" lr {r['lr']:.2e} {r['samples_per_s']:.1f} samples/s {r['time']:.1f}s" + (" *" if improved else "")
@@ -277,6 +304,7 @@ class Trainer:
         bar = tqdm(loader, total=len(sampler), desc=f"{cfg.name} f{self.fold} e{epoch + 1}/{cfg.epochs}",
                    disable=not (env.is_main and cfg.progress), leave=False, dynamic_ncols=True)
         loss_sum, n_seen, t0 = 0.0, 0, time.perf_counter()
+        att_sum, att_batches = 0.0, 0
         self.optimizer.zero_grad(set_to_none=True)
         try:
             for b, batch in enumerate(bar, start=start_step * cfg.accum_steps):
@@ -290,8 +318,10 @@ class Trainer:
                 sync = model.no_sync() if (env.distributed and not last_micro) else contextlib.nullcontext()
                 with sync:
                     with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-                        out = model(x)
+                        out = self._forward(model, x)
                     loss = self.loss_fn(self._loss_batch(batch, y), out)
+                    if self.attention and isinstance(self.loss_fn, AttentionSliceLoss):
+                        att_sum, att_batches = att_sum + self.loss_fn.last[1], att_batches + 1
                     self.scaler.scale(loss / cfg.accum_steps).backward()
                 loss_sum += float(loss.detach()) * len(y)
                 n_seen += len(y)
@@ -303,14 +333,27 @@ class Trainer:
             if log_file is not None:
                 log_file.close()
             bar.close()
-        total_loss, total_n = all_reduce_sum(env, [loss_sum, float(n_seen)])
+        total_loss, total_n, att_total, att_n = all_reduce_sum(env, [loss_sum, float(n_seen), att_sum, float(att_batches)])
+        self._extra = {"train_attention_loss": att_total / att_n} if att_n else {}
         return total_loss / max(total_n, 1), int(total_n), time.perf_counter() - t0
+
+    def _forward(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The training forward; with the attention loss also the Grad-CAM layer's feature map
+        (``features``, still in the graph: the loss differentiates the CAM through it)."""
+        if not self.attention:
+            return model(x)
+        with capture_features(self.raw_model.gradcam_layer) as feats:
+            out = model(x)
+        return {**out, "features": feats.value}
 
     def _loss_batch(self, batch: dict[str, Any], y: torch.Tensor) -> dict[str, Any]:
         """What the loss sees: the batch's targets on the model's device."""
         out: dict[str, Any] = {"label": y}
         if "exam" in batch:
             out["exam"] = batch["exam"].to(self.device)
+        for key in ("mask", "annotated"):
+            if key in batch:
+                out[key] = batch[key].to(self.device, non_blocking=True)
         return out
 
     def _optimizer_step(self, epoch: int, step_in_epoch: int) -> None:

@@ -3,6 +3,7 @@ knows nothing else about them, so a new term (the attention loss of shi2020, the
 of the 3D student) is added by composing callables, not by editing a loop.
 
 - :class:`SliceLoss`: the 2.5D CNN's loss (slice BCE or focal, plus the optional exam-head BCE).
+- :class:`AttentionSliceLoss`: a CNN loss plus the shi2020 attention term (:mod:`pe.train.attention`).
 - :func:`pe.eval.metric.torch_metric_loss`: the sequence stage's loss, the competition metric itself.
 """
 
@@ -17,6 +18,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from pe.config import CNNConfig
 from pe.rspect import EXAM_LABELS, NEGATIVE_LABELS
+from pe.train.attention import AttentionLossConfig, attention_loss
 
 LossFn = Callable[[dict[str, Any], dict[str, torch.Tensor]], torch.Tensor]
 
@@ -60,3 +62,32 @@ class SliceLoss:
         if "exam_logits" in out:
             loss = loss + self.cfg.exam_loss_weight * exam_loss(out["exam_logits"], batch["exam"], y)
         return loss
+
+
+class AttentionSliceLoss:
+    """``base(batch, out) + λ · L_CDC`` (GAIN_ext, papers/shi2020 section 2.1): ``out`` also holds
+    ``features``, the captured ``gradcam_layer`` output of the same forward pass, and ``batch`` holds
+    ``mask`` (B, H, W) and ``annotated`` (B,) from the dataset. ``last`` keeps the two terms of the
+    latest call (floats) for the training log."""
+
+    def __init__(self, base: LossFn, cfg: AttentionLossConfig) -> None:
+        self.base, self.cfg = base, cfg
+        self.last: tuple[float, float] = (0.0, 0.0)
+
+    def __call__(self, batch: dict[str, Any], out: dict[str, torch.Tensor]) -> torch.Tensor:
+        for key, where in (("features", out), ("mask", batch), ("annotated", batch)):
+            if key not in where:
+                raise KeyError(f"attention loss needs {key!r} (capture_features / a dataset with masks)")
+        loss = self.base(batch, out)
+        att = attention_loss(out["features"], out["logit"], batch["mask"], batch["annotated"], self.cfg)
+        self.last = (float(loss.detach()), float(att.detach()))
+        return loss + att
+
+
+def build_cnn_loss(cfg: CNNConfig, logit_offset: float) -> LossFn:
+    """The CNN's loss for ``cfg``: :class:`SliceLoss`, wrapped in :class:`AttentionSliceLoss` when
+    ``attention_lambda > 0``."""
+    base = SliceLoss(cfg, logit_offset)
+    if cfg.attention_lambda <= 0:
+        return base
+    return AttentionSliceLoss(base, AttentionLossConfig(lam=cfg.attention_lambda, smooth=cfg.attention_smooth))
