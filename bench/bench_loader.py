@@ -3,7 +3,9 @@
 1. samples/s the training data loader delivers per worker process at 384 px with one neighbour on
    each side (3 JPEG reads of a 512 px cache, lung crop, resize, augmentation, normalisation), on a
    synthetic 512 px cache written to a temporary folder;
-2. the demo config's training steps/s on CPU (forward + backward + AdamW on random inputs);
+2. the demo config's training steps/s on CPU (forward + backward + AdamW on random inputs, the
+   trainer's loss), channels_last against NCHW, and with the shi2020 attention loss against plain CE
+   in the same run (issue 15: the cost of the double backward);
 3. how many loader workers a GPU needs at the measured rate, for GPU training rates derived from
    timm's published benchmark (results/benchmark-train-amp-nhwc-pt112-cu113-rtx3090.csv in
    huggingface/pytorch-image-models: AMP, channels-last, RTX 3090), scaled by pixel count.
@@ -36,6 +38,8 @@ from pe.data.cache import load_boxes, load_index  # noqa: E402
 from pe.data.slices import SliceDataset, build_augment, build_slice_table
 from pe.models.slice_cnn import build_model  # noqa: E402
 from pe.synthetic.caches import write_synthetic_cache
+from pe.train.attention import capture_features  # noqa: E402
+from pe.train.losses import build_cnn_loss  # noqa: E402
 
 # timm benchmark (RTX 3090, AMP, NHWC, train step): samples/s at the benchmark's image size.
 GPU_TRAIN_RATES = {  # model: (samples/s, benchmark img size)
@@ -60,8 +64,12 @@ def loader_rate(cache: dict[str, Path], n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def demo_step_rate(steps: int, channels_last: bool | None = None) -> tuple[float, CNNConfig]:
-    """Train steps/s of the demo config (its threads; channels_last as configured unless given)."""
+def demo_step_rate(steps: int, channels_last: bool | None = None,
+                   attention: bool = False) -> tuple[float, CNNConfig]:
+    """Train steps/s of the demo config (its threads; channels_last as configured unless given).
+
+    ``attention``: the loss is CE + the shi2020 attention term (Grad-CAM inside the graph, double
+    backward) with every sample annotated (a random 1/8-area box mask), its most expensive case."""
     cfg = load_config(CNNConfig, paths.CONFIGS_DIR / "demo.yaml")
     if channels_last is not None:
         cfg.channels_last = channels_last
@@ -75,10 +83,22 @@ def demo_step_rate(steps: int, channels_last: bool | None = None) -> tuple[float
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     y = (torch.rand(cfg.batch_size) < 0.3).float()
+    cfg.attention_lambda = 1.0 if attention else 0.0
+    loss_fn = build_cnn_loss(cfg, 0.0)
+    masks = torch.zeros(cfg.batch_size, cfg.img_size, cfg.img_size)
+    q = cfg.img_size // 4
+    masks[:, q:2 * q, q:3 * q] = 1.0
+    batch = {"label": y, "mask": masks, "annotated": torch.ones(cfg.batch_size, dtype=torch.bool),
+             "exam": torch.zeros(cfg.batch_size, 9)}
 
     def step() -> None:
-        out = model(x)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(out["logit"], y)
+        if attention:
+            with capture_features(model.gradcam_layer) as feats:
+                out = model(x)
+            out = {**out, "features": feats.value}
+        else:
+            out = model(x)
+        loss = loss_fn(batch, out)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -115,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
           f"threads, channels_last={cfg.channels_last}): {steps:.2f} train steps/s = "
           f"{steps * cfg.batch_size:.0f} samples/s on CPU; NCHW baseline {base:.2f} steps/s "
           f"({steps / base:.2f}x)")
+    att, _ = demo_step_rate(args.steps, attention=True)
+    print(f"attention loss (shi2020, every sample annotated, same model and batch): {att:.2f} train steps/s = "
+          f"{att * cfg.batch_size:.0f} samples/s, {steps / att:.2f}x the time of the CE step above")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"load average {load:.1f} at end (other processes slow these figures down)")
     return 0

@@ -227,7 +227,7 @@ def prep_stages(data: Path, prep: Path, cache_sizes: Sequence[int]) -> list[Stag
             out.append(Stage(f"02_cache_images:{split}:{size}",
                              [PY, "src/02_cache_images.py", "--meta", str(prep / "meta" / f"{split}.parquet"),
                               "--out", str(prep / "cache" / f"jpeg{size}"), "--size", str(size), "--workers", WORKERS],
-                             env, "02", done=prep / f".done-02-{split}-{size}"))
+                             env, "02", done=prep / f".done-02-{split}-{size}-roi"))  # "-roi": with rois.parquet
     return out
 
 

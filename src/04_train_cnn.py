@@ -1,4 +1,5 @@
-"""Stage 04: train the 2.5D slice CNN of one experiment on one fold (``--fold -1``: all folds).
+"""Stage 04: train the 2.5D slice CNN of one experiment on one fold (``--fold -1``: all folds), or on
+several folds one after the other in this process (``--fold 0,1,2``: one interpreter start-up).
 
 Reads  the config YAML (+ trailing key=value overrides), the train metadata, folds CSV and JPEG
        cache it names (defaults from src/pe/paths.py)
@@ -7,6 +8,7 @@ Writes work/models/<exp>/fold<k>/{config.yaml, metrics.jsonl, last.pt, best.pt} 
        validation studies
 
     python src/04_train_cnn.py --config src/configs/demo.yaml --fold 0 [--resume] [epochs=2 lr=1e-3 | --epochs 2]
+    python src/04_train_cnn.py --config src/configs/demo.yaml --fold 0,1,2
     torchrun --nproc_per_node 4 src/04_train_cnn.py --config src/configs/cnn_effv2s_512.yaml --fold 0
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pe.config import CNNConfig, load_config
+from pe.config import CNNConfig, load_config, parse_folds
 from pe.train.cnn import train_fold
 
 KNOWN = {"--config", "--fold", "--resume", "-h", "--help"}
@@ -48,13 +50,15 @@ def dash_overrides(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="experiment YAML (src/configs/<exp>.yaml)")
-    ap.add_argument("--fold", type=int, required=True, help="validation fold; -1 trains on all folds")
+    ap.add_argument("--fold", type=parse_folds, required=True,
+                    help="validation fold, or a comma-separated list of folds; -1 trains on all folds")
     ap.add_argument("--resume", action="store_true", help="continue from the run folder's last.pt")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value (or --key value)")
     args = ap.parse_args(dash_overrides(sys.argv[1:] if argv is None else argv))
-    cfg = load_config(CNNConfig, args.config, args.overrides)
-    run = train_fold(cfg, args.fold, resume=args.resume)
-    print(f"run folder: {run}")
+    for fold in args.fold:
+        cfg = load_config(CNNConfig, args.config, args.overrides)
+        run = train_fold(cfg, fold, resume=args.resume)
+        print(f"run folder: {run}", flush=True)
     return 0
 
 

@@ -119,3 +119,13 @@ def test_write_bytes_atomic_replaces_whole_file(tmp_path: Path) -> None:
     io.write_bytes_atomic(target, b"second")
     assert target.read_bytes() == b"second"
     assert [p.name for p in target.parent.iterdir()] == ["b.jpg"]
+
+
+def test_fold_lists_of_stages_04_and_06() -> None:
+    import argparse
+
+    assert config.parse_folds("0") == [0] and config.parse_folds("-1") == [-1]
+    assert config.parse_folds("0,1,2") == [0, 1, 2]
+    for bad in ("", "a", "0,0", "1,,x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--fold"):
+            config.parse_folds(bad)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -133,6 +134,11 @@ class CNNConfig:
     img_size: int = 512
     neighbors: int = 1  # slices on each side of the centre slice
     crop_lung: bool = True
+    # which box crop_lung crops to: lung (the study's lung box, boxes.csv) | roi_slice | roi_slab |
+    # roi_study (lungs ∪ heart ROI of CACHE/rois.parquet per slice, its union over ±crop_roi_slab
+    # slices, or over the study; pe.anatomy.roi). The neighbours of a slice share its crop.
+    crop_mode: str = "lung"
+    crop_roi_slab: int = 5
     # --- model ---
     backbone: str = "tf_efficientnetv2_s"
     pretrained: bool = False  # timm's cache (no download possible offline)
@@ -198,6 +204,18 @@ class CNNConfig:
 GLOBAL_POOLS = ("avg", "max", "avgmax")
 
 
+def parse_folds(text: str) -> list[int]:
+    """``--fold`` of stages 04 and 06: one fold (``"0"``, ``"-1"``) or a comma-separated list
+    (``"0,1,2"``), trained one after the other in one process; duplicates are an error."""
+    try:
+        folds = [int(t) for t in str(text).split(",") if t.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--fold wants integers like 0 or 0,1,2, got {text!r}") from None
+    if not folds or len(set(folds)) != len(folds):
+        raise argparse.ArgumentTypeError(f"--fold wants distinct integers like 0 or 0,1,2, got {text!r}")
+    return folds
+
+
 def resolve_paths(cfg: CNNConfig) -> tuple[Path, Path, Path]:
     """(cache_dir, meta_train, folds_path) with the paths.py defaults filled in."""
     cache = Path(cfg.cache_dir) if cfg.cache_dir else paths.cache_dir(cfg.cache_size)
@@ -226,6 +244,9 @@ class SeqConfig:
     #   mean), initialised by a per-label logistic regression on the training studies; the RNN's own exam
     #   head starts at zero and learns the rest
     evidence_topk: int = 5  # k of the top-k mean
+    # P(label) = P(PE exam) x P(label | PE exam) for the seven positive-only labels, with P(PE exam) =
+    # (1 - P(negative_exam_for_pe)) (1 - P(indeterminate)): the heads learn the conditional share
+    conditional_heads: bool = False
     lr: float = 1e-3
     weight_decay: float = 1e-2
     epochs: int = 30
@@ -239,3 +260,35 @@ class SeqConfig:
     num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
     folds_path: str | None = None  # default paths.folds_path(); used to check the embeddings' folds
     progress: bool = True  # tqdm bars
+
+
+@dataclass
+class ConvLSTMSeqConfig:
+    """One stage-2 ConvLSTM experiment over exported reduced feature maps (papers/shi2020 section 2.2;
+    :mod:`pe.train.convlstm`). ``src/06_train_sequence.py`` picks it for a YAML with ``model: convlstm``;
+    the maps are those of ``src/05_export_embeddings.py --exp <cnn_exp> --maps`` (their reduction is
+    read from the export and stored in the checkpoint)."""
+
+    name: str = "seq_convlstm"
+    model: str = "convlstm"  # the key src/06_train_sequence.py dispatches on
+    cnn_exp: str = ""  # stage-1 experiment whose embeddings/maps are read; required to train
+    hidden: int = 96  # ConvLSTM filters (paper: 96)
+    kernel: int = 3  # (paper: 3x3)
+    units: int = 2  # ascending + descending ConvLSTM, then 2x2 max pooling (paper: 2)
+    dropout: float = 0.2  # channel dropout on inputs and recurrent states (paper: 0.2)
+    head_dropout: float = 0.5  # before the heads (paper: 0.5)
+    attn_dim: int = 64
+    cnn_skip: bool = False  # image logit += w * logit(CNN slice prob), as SeqConfig.cnn_skip
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    epochs: int = 30
+    warmup_epochs: int = 1
+    batch_size: int = 8
+    min_lr_ratio: float = 0.05
+    patience: int = 8
+    grad_clip: float = 1.0
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int = 0
+    folds_path: str | None = None  # default paths.folds_path(); used to check the maps' folds
+    progress: bool = True

@@ -13,6 +13,7 @@ import pandas as pd
 import pydicom
 import pytest
 
+from pe.anatomy.roi import ROI_COLUMNS
 from pe.data import cache as pc
 from pe.data.dicom import read_hu
 from pe.data.windows import window_rgb, window_rgb_reference
@@ -209,9 +210,69 @@ def test_interrupted_run_resumes_to_identical_files(dataset, tmp_path: Path, mon
     assert _tree(out) == _tree(ref)
     pd.testing.assert_frame_equal(pc.load_index(out), pc.load_index(ref))
     pd.testing.assert_frame_equal(pc.load_boxes(out), pc.load_boxes(ref))
+    pd.testing.assert_frame_equal(pc.load_rois(out), pc.load_rois(ref))
     assert not list(out.rglob("*.tmp"))
     again = pc.cache_images(meta_path, out, size=64, workers=1, progress=False)
     assert again["studies_already_complete"] == 3 and again["studies_done"] == 0
+
+
+def test_rois_are_written_inside_the_image_and_hold_the_lungs(dataset, tmp_path: Path) -> None:
+    meta, truth, meta_path = dataset
+    out, size = tmp_path / "cache", 64
+    pc.cache_images(meta_path, out, size=size, workers=1, progress=False)
+    rois = pc.load_rois(out)
+    assert list(rois.columns) == ROI_COLUMNS and len(rois) == len(meta)
+    keys = ["StudyInstanceUID", "slice_index"]
+    pd.testing.assert_frame_equal(rois[keys].reset_index(drop=True), pc.load_index(out)[keys])
+    assert (rois["size"] == size).all() and rois["found"].all()  # lungs on every synthetic slice
+    assert ((rois.x0 >= 0) & (rois.y0 >= 0) & (rois.x1 <= size) & (rois.y1 <= size)).all()
+    assert ((rois.x1 - rois.x0 >= 8) & (rois.y1 - rois.y0 >= 8)).all()
+    for study, g in rois.groupby("StudyInstanceUID"):
+        t = np.array(truth[study]) * size / 96  # union of the true lungs, cached pixels
+        assert g.x0.min() <= t[0] and g.y0.min() <= t[1] and g.x1.max() >= t[2] and g.y1.max() >= t[3]
+        area = ((g.x1 - g.x0) * (g.y1 - g.y0)).mean()
+        assert area < 0.6 * size * size  # the table and the outside air are cropped away
+
+
+def test_rois_are_added_to_a_cache_without_them(dataset, tmp_path: Path) -> None:
+    """Resumable like the images: a cache made with roi=False (or before ROIs existed) gets only its
+    ROIs on the next run, the JPEGs untouched; ROI parts lost in a crash are recomputed the same."""
+    _, _, meta_path = dataset
+    ref = tmp_path / "ref"
+    pc.cache_images(meta_path, ref, size=64, workers=1, progress=False)
+    out = tmp_path / "out"
+    pc.cache_images(meta_path, out, size=64, workers=1, progress=False, roi=False)
+    assert pc.load_rois(out).empty
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.jpg")}
+    summary = pc.cache_images(meta_path, out, size=64, workers=1, progress=False)
+    assert summary["studies_roi_only"] == 3 and summary["studies_done"] == 0 and summary["slices_written"] == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.jpg")} == mtimes
+    pd.testing.assert_frame_equal(pc.load_rois(out), pc.load_rois(ref))
+    first = sorted((out / "_rois").glob("*.parquet"))[0]
+    first.unlink()
+    again = pc.cache_images(meta_path, out, size=64, workers=1, progress=False)
+    assert again["studies_roi_only"] == 1 and again["studies_already_complete"] == 2
+    pd.testing.assert_frame_equal(pc.load_rois(out), pc.load_rois(ref))
+    (out / "rois.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=r"rois\.parquet"):
+        pc.load_rois(out)
+    pd.DataFrame({"StudyInstanceUID": ["1"]}).to_parquet(out / "rois.parquet")
+    with pytest.raises(ValueError, match=r"rois\.parquet: missing column"):
+        pc.load_rois(out)
+
+
+def test_script_no_roi_flag(dataset, tmp_path: Path) -> None:
+    _, _, meta_path = dataset
+    spec = importlib.util.spec_from_file_location("cache_script_roi", REPO / "src" / "02_cache_images.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "cache"
+    assert mod.main(["--meta", str(meta_path), "--out", str(out), "--size", "32", "--workers", "1"]) == 0
+    assert len(pc.load_rois(out)) == len(pc.load_index(out))
+    # --force --no-roi redoes the images and drops the ROI parts of the earlier run (they could be stale)
+    assert mod.main(["--meta", str(meta_path), "--out", str(out), "--size", "32", "--workers", "1", "--no-roi",
+                     "--force"]) == 0
+    assert pc.load_rois(out).empty and not list((out / "_rois").glob("*.parquet"))
 
 
 def _descendants(pid: int) -> list[int]:
@@ -278,6 +339,7 @@ def test_killed_subprocess_resumes_to_identical_files(dataset, tmp_path: Path) -
     assert _tree(out) == _tree(ref)
     pd.testing.assert_frame_equal(pc.load_index(out), pc.load_index(ref))
     pd.testing.assert_frame_equal(pc.load_boxes(out), pc.load_boxes(ref))
+    pd.testing.assert_frame_equal(pc.load_rois(out), pc.load_rois(ref))
 
 
 def test_shards_partition_and_accumulate(dataset, tmp_path: Path) -> None:

@@ -144,3 +144,90 @@ def test_sampler_shards_each_sample_once_with_equal_batch_counts(n: int) -> None
     full = list(samplers[0])
     samplers[0].set_epoch(2, start_batch=2)
     assert list(samplers[0]) == full[2:] and len(samplers[0]) == len(full) - 2
+
+
+# --------------------------------------------------------------------------- ROI crop (issue 16)
+def _write_rois(cache: Path, seed: int = 0) -> pd.DataFrame:
+    """A rois.parquet with a different box on every slice (some not found) for the fake cache."""
+    index = load_index(cache)
+    rng = np.random.default_rng(seed)
+    n = len(index)
+    x0, y0 = rng.integers(0, 30, n), rng.integers(0, 30, n)
+    rois = pd.DataFrame({"StudyInstanceUID": index["StudyInstanceUID"], "slice_index": index["slice_index"],
+                         "x0": x0, "y0": y0, "x1": x0 + rng.integers(30, 60, n), "y1": y0 + rng.integers(30, 60, n),
+                         "size": 96, "found": rng.random(n) > 0.2}).astype(
+        {c: np.int32 for c in ("slice_index", "x0", "y0", "x1", "y1", "size")})
+    rois.to_parquet(cache / "rois.parquet")
+    return rois
+
+
+@pytest.fixture(scope="module")
+def roi_fake(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = write_synthetic_cache(tmp_path_factory.mktemp("roi_fake"), n_studies=3, min_slices=5, max_slices=7, size=96)
+    _write_rois(out["cache"])
+    return out
+
+
+@pytest.mark.parametrize("mode", ["roi_slice", "roi_slab", "roi_study"])
+def test_roi_crop_feeds_the_centre_box_to_every_neighbour(roi_fake: dict[str, Path], mode: str) -> None:
+    """Training input (disk and preload) == the inference side (preprocess_rois) == the cached slices
+    cropped by hand with the centre slice's stored ROI box (crop_boxes of the mode)."""
+    from pe.anatomy.roi import crop_boxes
+    from pe.anatomy.roi_crop import preprocess_rois
+    from pe.data.cache import load_rois
+    from pe.data.slices import crop_resize, neighbor_indices, study_roi_boxes
+
+    cfg = CNNConfig(img_size=32, neighbors=1, crop_mode=mode, crop_roi_slab=1, aug=False)
+    meta, index = pd.read_parquet(roi_fake["meta"]), load_index(roi_fake["cache"])
+    table = build_slice_table(meta, index, load_boxes(roi_fake["cache"]), roi_fake["cache"])
+    disk, ram = SliceDataset(table, cfg), SliceDataset(table, cfg, preload=True, workers=1)
+    rois = load_rois(roi_fake["cache"])
+    for code, study in enumerate(table.studies):
+        r = rois[rois["StudyInstanceUID"] == study].sort_values("slice_index")
+        raw, found = r[["x0", "y0", "x1", "y1"]].to_numpy(float), r["found"].to_numpy(bool)
+        boxes = crop_boxes(raw, found, mode.removeprefix("roi_"), 1)
+        images = load_study_images(roi_fake["cache"], study, index)
+        x = preprocess_rois(images, cfg, study_roi_boxes(raw, found, cfg, 96, 96))
+        for i in np.flatnonzero(table.sample_study == code):
+            c = int(table.sample_slice[i])
+            want = np.concatenate([crop_resize(images[k], boxes[c], 32)
+                                   for k in neighbor_indices(c, len(images), 1)], axis=-1)
+            np.testing.assert_array_equal(disk.load_stack(int(i)), want)
+            np.testing.assert_array_equal(ram.load_stack(int(i)), want)
+            np.testing.assert_array_equal(normalize(disk[int(i)]["image"]).numpy(), x[c].numpy())
+        if mode == "roi_study":
+            assert (boxes == boxes[0]).all()
+    # the ROI crop is not the lung crop
+    lung = SliceDataset(table, CNNConfig(img_size=32, neighbors=1, aug=False))
+    assert not np.array_equal(lung.load_stack(0), disk.load_stack(0))
+
+
+def test_default_crop_is_the_lung_box_and_roi_needs_its_file(fake: dict[str, Path]) -> None:
+    """crop_mode defaults to lung (the study box of boxes.csv, as before issue 16: existing configs
+    give the same inputs); a ROI mode on a cache without rois.parquet names the missing file."""
+    from pe.data.slices import crop_resize, read_rgb
+
+    cfg = CNNConfig(img_size=40, neighbors=0, aug=False)
+    assert cfg.crop_mode == "lung" and cfg.crop_lung
+    boxes = load_boxes(fake["cache"])
+    table = build_slice_table(pd.read_parquet(fake["meta"]), load_index(fake["cache"]), boxes, fake["cache"])
+    ds = SliceDataset(table, cfg)
+    b = boxes.set_index("StudyInstanceUID").loc[table.studies[0], ["x0", "y0", "x1", "y1"]].tolist()
+    img = read_rgb(fake["cache"] / table.files[0].decode())
+    np.testing.assert_array_equal(ds.load_stack(int(np.flatnonzero(table.sample_slice == 0)[0])),
+                                  crop_resize(img, b, 40))
+    with pytest.raises(FileNotFoundError, match=r"rois\.parquet"):
+        SliceDataset(table, CNNConfig(img_size=40, crop_mode="roi_slice"))
+    with pytest.raises(ValueError, match="crop_mode must be one of"):
+        SliceDataset(table, CNNConfig(img_size=40, crop_mode="lungs"))
+
+
+def test_roi_rows_must_cover_every_cached_slice(tmp_path: Path) -> None:
+    out = write_synthetic_cache(tmp_path / "c", n_studies=2, min_slices=4, max_slices=4, size=48)
+    rois = _write_rois(out["cache"])
+    rois.iloc[1:].to_parquet(out["cache"] / "rois.parquet")  # one slice lost
+    table = build_slice_table(pd.read_parquet(out["meta"]), load_index(out["cache"]), None, out["cache"])
+    with pytest.raises(ValueError, match=r"rois\.parquet: no ROI row for 1 cached slice"):
+        SliceDataset(table, CNNConfig(img_size=32, crop_mode="roi_study"))
+    with pytest.raises(ValueError, match="attention masks"):
+        SliceDataset(table, CNNConfig(img_size=32, crop_mode="roi_study"), masks=object())

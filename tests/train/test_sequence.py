@@ -327,7 +327,7 @@ def test_bias_paths_start_at_the_cnn_and_the_evidence_regression() -> None:
     for i, it in enumerate(items[:6]):  # image logits = the CNN's logits before any training
         np.testing.assert_allclose(out["image_logits"][i, : len(it.probs)].numpy(), cnn_logits(it.probs), atol=1e-5)
     mean, std, w, b = fit_evidence_init(items, BIAS)
-    z = (study_evidence(items[:6], 3) - mean) / std
+    z = np.clip((study_evidence(items[:6], 3) - mean) / std, -4, 4)
     np.testing.assert_allclose(out["exam_logits"].numpy(), z @ w.T + b, atol=1e-4)
     # the regression uses the evidence the right way round: PE raises P(positive-only labels)
     assert w[E["rightsided_pe"], 0] > 0 and w[E["negative_exam_for_pe"], 0] < 0
@@ -368,3 +368,71 @@ def test_bias_paths_learn_the_exam_from_few_studies() -> None:
     prior = score(prior_predictions(truth_frame(train), truth[[STUDY, SOP]]), truth)
     assert results["bias"][0] > 0.9 and results["bias"][0] > results["plain"][0] + 0.05, results
     assert results["bias"][1] < results["plain"][1] and results["bias"][1] < prior, (results, prior)
+
+
+COND = dataclasses.replace(BIAS, conditional_heads=True)
+
+
+def test_conditional_heads_bound_positive_labels_by_the_pe_exam() -> None:
+    """P(label) = P(PE exam) x P(label | PE exam): never above P(PE exam), exact in float64, and the
+    heads start at the conditional frequencies among the training PE exams."""
+    from pe.models.seq_rnn import IND_J, NEG_J, POS_ONLY_J, conditional_exam_logits
+    from pe.train.seq import build_model, exam_prior, pe_exam
+
+    raw = torch.randn(64, 9, dtype=torch.float64) * 4
+    p = torch.sigmoid(conditional_exam_logits(raw))
+    p_pe = (1 - torch.sigmoid(raw[:, NEG_J])) * (1 - torch.sigmoid(raw[:, IND_J]))
+    torch.testing.assert_close(p[:, POS_ONLY_J], p_pe[:, None] * torch.sigmoid(raw[:, POS_ONLY_J]))
+    torch.testing.assert_close(p[:, [NEG_J, IND_J]], torch.sigmoid(raw[:, [NEG_J, IND_J]]))
+    assert bool((p[:, POS_ONLY_J] <= p_pe[:, None] + 1e-12).all())
+    items = synthetic_studies(40, seed=5)
+    y = np.stack([it.exam_labels for it in items])
+    pos = pe_exam(y)
+    cond = exam_prior(items, conditional=True)
+    np.testing.assert_allclose(cond[POS_ONLY_J], (y[pos][:, POS_ONLY_J].sum(0) + 1) / (pos.sum() + 2))
+    np.testing.assert_allclose(cond[NEG_J], (y[:, NEG_J].sum() + 1) / (len(y) + 2))
+    model = build_model(items, COND).eval()
+    batch = collate(items, COND)
+    with torch.no_grad():
+        out = torch.sigmoid(model(batch["x"], batch["mask"], batch["cnn_logit"])["exam_logits"]).double()
+    p_pe = (1 - out[:, NEG_J]) * (1 - out[:, IND_J])
+    assert bool((out[:, POS_ONLY_J] <= p_pe[:, None] + 1e-6).all())
+
+
+def test_conditional_heads_train_and_rank_rare_labels_with_the_pe_evidence() -> None:
+    """On 24 training studies the conditional heads score better on the metric than the unconditional
+    ones (measured: 0.386 vs 0.398) and rank a location label at least as well (rightsided_pe AUC
+    0.758 vs 0.748)."""
+    from sklearn.metrics import roc_auc_score
+
+    train, val = synthetic_studies(24, seed=11), synthetic_studies(60, seed=12, prefix="v")
+    truth = truth_frame(val)
+    res = {}
+    for name, cfg in {"bias": BIAS, "cond": COND}.items():
+        model, _ = fit(dataclasses.replace(cfg, epochs=6, patience=6), train, val)
+        il, el = predict_items(model, val, cfg, torch.device("cpu"))
+        y = np.array([it.exam_labels[E["rightsided_pe"]] for it in val])
+        res[name] = (roc_auc_score(y, el[:, E["rightsided_pe"]]), score(predictions_long(val, il, el), truth))
+    assert res["cond"][1] < res["bias"][1], res
+    assert res["cond"][0] > 0.7 and res["cond"][0] >= res["bias"][0] - 0.02, res
+
+
+def test_evidence_of_a_weak_cnn_does_not_explode_on_another_fold() -> None:
+    """Out-of-fold CNN outputs of two fold models can differ in scale: training studies whose slice
+    probabilities are nearly constant (a weak CNN) and validation studies shifted by 1.5 logits must
+    not give extreme exam probabilities at initialisation (std floor + clipping of the evidence)."""
+    from pe.train.seq import build_model
+
+    rng = np.random.default_rng(0)
+    train, val = synthetic_studies(30, seed=21), synthetic_studies(20, seed=22, prefix="v")
+    for it in train:
+        it.probs = (0.12 + 0.002 * rng.standard_normal(len(it.probs))).astype(np.float32)
+    for it in val:
+        it.probs = np.full(len(it.probs), 0.4, np.float32)
+    torch.manual_seed(0)
+    model = build_model(train, BIAS).eval()
+    assert bool((model.ev_std >= 1.0).all())
+    batch = collate(val, BIAS)
+    with torch.no_grad():
+        p = torch.sigmoid(model(batch["x"], batch["mask"], batch["cnn_logit"])["exam_logits"])
+    assert 0.01 < float(p.min()) and float(p.max()) < 0.99, p

@@ -14,7 +14,9 @@ Per slice (``HU`` of one axial image, ``mm`` from the pixel spacing):
 3. airway = small (< 700 mm², a trachea is < ~500 mm²), round (circularity > 0.5) air components
    whose centre lies in the medial band (< 30 % of the body half-width from its centre): the
    trachea and the main bronchi. Lungs = the other air components larger than 30 mm², holes
-   filled (intrapulmonary vessels belong to the lung, as in the usual lung segmentations);
+   filled (intrapulmonary vessels belong to the lung, as in the usual lung segmentations); air
+   components under 200 mm² touching the body's outline are neither (skin folds; on a coarse grid,
+   outside air the filled body encloses at a corner);
 4. heart = in the space between the lungs (their convex hull minus the lungs), in front of the
    hilum line (lung centroid + 15 % of the lungs' height: excludes spine, descending aorta and
    oesophagus), the largest component of soft tissue / contrast (-30 < HU < 500) after an opening
@@ -45,6 +47,7 @@ AIRWAY_MAX_MM2 = 700.0
 AIRWAY_MIN_CIRCULARITY = 0.5
 AIRWAY_BAND = 0.30  # medial band, as a share of the body half-width
 LUNG_MIN_MM2 = 30.0
+RIM_AIR_MAX_MM2 = 200.0  # air touching the body outline and smaller than this is outside air, not lung
 HEART_MIN_MM2 = 1200.0
 HEART_MIN_CONTRAST_MM2 = 300.0
 HEART_OPEN_MM = 4.0
@@ -81,8 +84,17 @@ class Masker(Protocol):
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """``mask`` with every region not reachable from the image border filled (2-D)."""
-    return ndimage.binary_fill_holes(mask)
+    """``mask`` with every region not reachable from the image border filled (2-D): the result of
+    ``scipy.ndimage.binary_fill_holes`` (4-connected background), by an OpenCV flood fill from a
+    one-pixel frame, ~10x faster (the masker's main cost on a coarse grid; tested equal)."""
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim != 2:
+        return ndimage.binary_fill_holes(m)
+    h, w = m.shape
+    canvas = np.zeros((h + 2, w + 2), dtype=np.uint8)
+    canvas[1:-1, 1:-1] = m
+    cv2.floodFill(canvas, None, (0, 0), 2, flags=4)  # the frame and everything it reaches become 2
+    return canvas[1:-1, 1:-1] != 2
 
 
 def hull_mask(mask: np.ndarray) -> np.ndarray:
@@ -151,22 +163,24 @@ def split_air(hu: np.ndarray, body: np.ndarray, mm2: float) -> tuple[np.ndarray,
     """(lungs, airway) bool masks of one slice; ``mm2`` = area of one pixel in mm²."""
     air = ((hu < AIR_HU) & body).astype(np.uint8)
     n, labels, stats, cents = cv2.connectedComponentsWithStats(air, connectivity=8)
-    lungs = np.zeros(hu.shape, bool)
-    airway = np.zeros(hu.shape, bool)
     if n <= 1:
-        return lungs, airway
+        return np.zeros(hu.shape, bool), np.zeros(hu.shape, bool)
     cols = np.nonzero(body.any(axis=0))[0]
     body_cx, half_w = 0.5 * (cols[0] + cols[-1]), 0.5 * (cols[-1] - cols[0] + 1)
-    for j in range(1, n):
-        area = stats[j, cv2.CC_STAT_AREA] * mm2
-        if area < LUNG_MIN_MM2:
-            continue  # noise, partial-volume specks
-        comp = labels == j
-        medial = abs(cents[j][0] - body_cx) < AIRWAY_BAND * half_w
-        if area <= AIRWAY_MAX_MM2 and medial and _circularity(comp) >= AIRWAY_MIN_CIRCULARITY:
-            airway |= comp
-        else:
-            lungs |= comp
+    area = stats[:, cv2.CC_STAT_AREA] * mm2
+    big = area >= LUNG_MIN_MM2  # smaller: noise, partial-volume specks
+    big[0] = False  # label 0 is the background
+    # Small air touching the body's outline is outside air caught in a skin fold (on a coarse grid: a
+    # staircase corner the filled 8-connected body closes), not lung; a lung may touch a thin chest wall.
+    rim = body & ~cv2.erode(body.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    on_rim = np.zeros(n, dtype=bool)
+    on_rim[np.unique(labels[rim])] = True
+    big &= ~(on_rim & (area < RIM_AIR_MAX_MM2))
+    is_airway = np.zeros(n, dtype=bool)
+    medial = np.abs(cents[:, 0] - body_cx) < AIRWAY_BAND * half_w
+    for j in np.flatnonzero(big & (area <= AIRWAY_MAX_MM2) & medial):  # few: the contour test is per component
+        is_airway[j] = _circularity(labels == j) >= AIRWAY_MIN_CIRCULARITY
+    lungs, airway = (big & ~is_airway)[labels], is_airway[labels]  # lookup tables: one pass over the pixels
     return fill_holes(lungs), airway
 
 

@@ -6,9 +6,13 @@ Layout of a cache folder ``OUT``:
   (:mod:`pe.data.windows`), ``size``×``size``, JPEG with 4:4:4 chroma sampling;
 - ``OUT/_parts/<StudyInstanceUID>.parquet``: the study's index rows, written last, so its presence
   means the study is complete (the resume rule); ``OUT/_parts/<study>.errors.csv`` its decode errors;
+  ``OUT/_rois/<StudyInstanceUID>.parquet`` its ROI rows (written before the part; a complete study
+  without one, e.g. cached before ROIs existed, gets only its ROI computed on the next run);
 - ``OUT/index.parquet`` (StudyInstanceUID, SOPInstanceUID, slice_index, file relative to OUT,
   replaced), ``OUT/boxes.csv`` (StudyInstanceUID, x0, y0, x1, y1, size; cached-image pixels,
-  x1/y1 exclusive so ``img[y0:y1, x0:x1]`` is the crop) and ``OUT/errors.csv`` (file,
+  x1/y1 exclusive so ``img[y0:y1, x0:x1]`` is the crop), ``OUT/rois.parquet`` (one row per slice:
+  StudyInstanceUID, slice_index, x0, y0, x1, y1, size, found; the lungs ∪ heart ROI box of
+  :mod:`pe.anatomy.roi`, same pixel convention) and ``OUT/errors.csv`` (file,
   StudyInstanceUID, SOPInstanceUID, reason): rebuilt from all parts at the end of every run, so
   several runs into the same OUT (train then test, or shards) accumulate.
 
@@ -33,6 +37,15 @@ import pandas as pd
 from tqdm import tqdm
 
 from pe.anatomy.lungbox import LungAccumulator
+from pe.anatomy.roi import ROI_EVERY, ROI_GRID, RoiAccumulator, pixel_spacing_mm
+from pe.anatomy.roi_cache import (  # noqa: F401
+    ROI_PARTS,
+    load_rois,
+    merge_rois,
+    roi_from_files,
+    roi_part_path,
+    write_roi_part,
+)
 from pe.data.dicom import read_dataset, read_pixels, rescale
 from pe.data.windows import window_pixels
 from pe.io import write_bytes_atomic, write_csv_atomic, write_parquet_atomic
@@ -116,6 +129,10 @@ class _StudyJob:
     out: str
     size: int
     quality: int
+    roi: bool = True  # compute the study's ROI boxes (pe.anatomy.roi)
+    images: bool = True  # False: the JPEGs and part exist, only the ROI part is missing
+    roi_grid: int = ROI_GRID
+    roi_every: int = ROI_EVERY
 
 
 def jpeg_name(slice_index: int) -> str:
@@ -124,6 +141,26 @@ def jpeg_name(slice_index: int) -> str:
 
 def part_path(out: Path, study: str) -> Path:
     return out / PARTS / f"{study}.parquet"
+
+
+def _roi_acc(job: _StudyJob, ds: Any, shape: tuple[int, int]) -> RoiAccumulator:
+    return RoiAccumulator(len(job.paths), *shape, pixel_spacing_mm(ds), grid=job.roi_grid, every=job.roi_every)
+
+
+def _write_roi(job: _StudyJob, roi: RoiAccumulator | None) -> None:
+    """The study's ROI part; without one (--no-roi, nothing decoded) a stale part of an earlier run goes."""
+    if roi is not None:
+        write_roi_part(Path(job.out), job.study, job.slice_indices, job.size, roi)
+    else:
+        roi_part_path(Path(job.out), job.study).unlink(missing_ok=True)
+
+
+def _roi_only(job: _StudyJob) -> dict[str, Any]:
+    """ROI part of a study whose images are already cached: reads only the masked slices' pixels."""
+    cpu0 = time.process_time()
+    _write_roi(job, roi_from_files(job.paths, lambda ds, shape: _roi_acc(job, ds, shape)))
+    return {"study": job.study, "status": "roi", "n": 0, "replaced": 0, "errors": 0,
+            "cpu": time.process_time() - cpu0}
 
 
 def _errors_path(out: Path, study: str) -> Path:
@@ -143,6 +180,8 @@ class _Worker:
         return buf
 
     def run(self, job: _StudyJob) -> dict[str, Any]:
+        if not job.images:
+            return _roi_only(job)
         cpu0 = time.process_time()
         out = Path(job.out)
         study_dir = out / job.study
@@ -152,6 +191,7 @@ class _Worker:
         ok = np.zeros(n, dtype=bool)
         errors: list[dict[str, str]] = []
         acc: LungAccumulator | None = None
+        roi: RoiAccumulator | None = None
         for k, (path, si) in enumerate(zip(job.paths, job.slice_indices, strict=True)):
             try:
                 ds = read_dataset(path)
@@ -168,6 +208,9 @@ class _Worker:
             if acc is None:
                 acc = LungAccumulator(*pixels.shape)
             acc.add_pixels(pixels, slope, intercept)  # == acc.add(read_hu(path)), as the kernel does
+            if job.roi:
+                roi = roi or _roi_acc(job, ds, pixels.shape)
+                roi.add_pixels(k, pixels, slope, intercept)
             ok[k] = True
         err_path = _errors_path(out, job.study)
         if errors:
@@ -192,6 +235,7 @@ class _Worker:
         for name, v in zip(("box_x0", "box_y0", "box_x1", "box_y1"), (x0, y0, x1, y1), strict=True):
             part[name] = np.int32(v)
         part["box_size"] = np.int32(job.size)
+        _write_roi(job, roi)
         write_parquet_atomic(part, part_path(out, job.study))  # last: marks the study complete
         return {"study": job.study, "status": "done", "n": n, "replaced": replaced, "errors": len(errors),
                 "cpu": time.process_time() - cpu0}
@@ -298,7 +342,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def merge_parts(out: Path) -> dict[str, int]:
-    """Rebuild OUT/index.parquet, boxes.csv and errors.csv from every part in OUT/_parts."""
+    """Rebuild OUT/index.parquet, boxes.csv, rois.parquet and errors.csv from every part in OUT/_parts
+    and OUT/_rois."""
     parts_dir = out / PARTS
     parts = sorted(parts_dir.glob("*.parquet")) if parts_dir.exists() else []
     frames = [pd.read_parquet(p) for p in parts]
@@ -313,6 +358,7 @@ def merge_parts(out: Path) -> dict[str, int]:
         ["StudyInstanceUID", "box_x0", "box_y0", "box_x1", "box_y1", "box_size"]]
     boxes.columns = BOX_COLUMNS
     write_csv_atomic(boxes, out / "boxes.csv")
+    merge_rois(out, set(boxes["StudyInstanceUID"]))
     err_files = sorted(parts_dir.glob("*.errors.csv")) if parts_dir.exists() else []
     errors = pd.concat([pd.read_csv(p, dtype=str) for p in err_files], ignore_index=True) if err_files \
         else pd.DataFrame(columns=ERROR_COLUMNS)
@@ -321,8 +367,10 @@ def merge_parts(out: Path) -> dict[str, int]:
 
 
 def _plan_jobs(df: pd.DataFrame, out: Path, size: int, quality: int, shard: tuple[int, int] | None,
-               force: bool) -> tuple[list[_StudyJob], int, int]:
-    """(jobs of the studies still to cache, studies in the shard, studies already complete)."""
+               force: bool, roi: tuple[bool, int, int] = (True, ROI_GRID, ROI_EVERY)
+               ) -> tuple[list[_StudyJob], int, int]:
+    """(jobs of the studies still to cache, studies in the shard, studies already complete).
+    ``roi`` = (on, grid, every); a complete study lacking only its ROI part gets a ROI-only job."""
     jobs: list[_StudyJob] = []
     n_selected = n_complete = 0
     for study, g in df.groupby("StudyInstanceUID", sort=True):
@@ -330,28 +378,26 @@ def _plan_jobs(df: pd.DataFrame, out: Path, size: int, quality: int, shard: tupl
         if not in_shard(study, shard):
             continue
         n_selected += 1
-        if not force and part_path(out, study).exists():
+        images = force or not part_path(out, study).exists()
+        if not images and (not roi[0] or roi_part_path(out, study).exists()):
             n_complete += 1
             continue
         jobs.append(_StudyJob(study, g["path"].astype(str).tolist(), g["SOPInstanceUID"].astype(str).tolist(),
-                              g["slice_index"].tolist(), str(out), int(size), int(quality)))
+                              g["slice_index"].tolist(), str(out), int(size), int(quality), roi[0], images,
+                              int(roi[1]), int(roi[2])))
     return jobs, n_selected, n_complete
 
 
-def cache_images(
-    meta: Path | str | pd.DataFrame,
-    out: Path | str,
-    size: int = 512,
-    quality: int = 95,
-    workers: int = 1,
-    shard: tuple[int, int] | None = None,
-    force: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
+def cache_images(meta: Path | str | pd.DataFrame, out: Path | str, size: int = 512, quality: int = 95,
+                 workers: int = 1, shard: tuple[int, int] | None = None, force: bool = False,
+                 progress: bool = True, roi: bool = True, roi_grid: int = ROI_GRID, roi_every: int = ROI_EVERY
+                 ) -> dict[str, Any]:
     """Write the JPEG cache of every slice in ``meta`` (metadata parquet or table) into ``out``.
 
     Resumable: studies whose part file exists are skipped unless ``force``. ``shard=(i, n)``
-    processes only the studies of shard i. Returns (and prints) summary counts; ``seconds`` and
+    processes only the studies of shard i. ``roi`` also writes the per-slice ROI boxes
+    (:mod:`pe.anatomy.roi`; ``roi_grid``/``roi_every`` only for benchmarks: the kernel uses the
+    defaults). Returns (and prints) summary counts; ``seconds`` and
     ``images_per_s`` are the steady state (pool start-up excluded), ``seconds_with_startup`` all of it.
 
     ``workers > 1`` starts a ``forkserver`` pool, so a script calling this needs the usual
@@ -362,11 +408,12 @@ def cache_images(
     out = Path(out)
     df = _read_meta(meta)
     (out / PARTS).mkdir(parents=True, exist_ok=True)
-    jobs, n_selected, n_complete = _plan_jobs(df, out, size, quality, shard, force)
+    (out / ROI_PARTS).mkdir(exist_ok=True)
+    jobs, n_selected, n_complete = _plan_jobs(df, out, size, quality, shard, force, (roi, roi_grid, roi_every))
     # Largest studies first keeps every worker busy to the end.
     jobs.sort(key=lambda j: -len(j.paths))
-    n_images = sum(len(j.paths) for j in jobs)
-    counts = {"done": 0, "failed": 0, "slices": 0, "replaced": 0, "errors": 0, "cpu": 0.0}
+    n_images = sum(len(j.paths) for j in jobs if j.images)
+    counts = {"done": 0, "failed": 0, "roi": 0, "slices": 0, "replaced": 0, "errors": 0, "cpu": 0.0}
     failed: list[str] = []
     t_start = t0 = time.perf_counter()
     bar = tqdm(total=n_images, unit="img", desc=f"cache {out.name}", disable=not progress)
@@ -379,7 +426,7 @@ def cache_images(
         counts["replaced"] += res["replaced"]
         if res["status"] == "done":
             counts["slices"] += res["n"]
-        else:
+        elif res["status"] == "failed":
             failed.append(res["study"])
         bar.update(res["n"])
 
@@ -401,6 +448,7 @@ def cache_images(
     summary = {
         "studies_selected": n_selected, "studies_already_complete": n_complete,
         "studies_done": counts["done"], "studies_failed": counts["failed"], "failed_studies": failed,
+        "studies_roi_only": counts["roi"],
         "slices_written": counts["slices"], "slices_replaced": counts["replaced"],
         "slice_errors": counts["errors"], "seconds": round(seconds, 3),
         "seconds_with_startup": round(t_end - t_start, 3), "worker_cpu_seconds": round(counts["cpu"], 3),

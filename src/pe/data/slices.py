@@ -1,4 +1,4 @@
-"""2.5D slice data for the CNN stage: neighbour stacking, lung crop, resize, augmentation,
+"""2.5D slice data for the CNN stage: neighbour stacking, lung / ROI crop, resize, augmentation,
 normalisation, the training/validation dataset over the JPEG cache and the DDP-aware epoch sampler.
 
 Input of one slice = the slice and ``neighbors`` slices on each side (study edges repeat the edge
@@ -8,13 +8,19 @@ z order: ``C = 3 * (2 * neighbors + 1)``. The deterministic part (:func:`stack_n
 Kaggle kernel uses on slices decoded straight from DICOM, so training and inference match exactly.
 Augmentation runs on the channel-stacked uint8 array, so every stacked slice gets the same random
 transform (a test checks with a marker pixel).
+
+Crop (``cfg.crop_lung``): ``cfg.crop_mode`` ``lung`` = the study's lung box (boxes.csv), the default;
+``roi_slice`` / ``roi_slab`` / ``roi_study`` = the lungs ∪ heart ROI box of the centre slice
+(CACHE/rois.parquet, :func:`pe.anatomy.roi.crop_boxes`), and every neighbour of that input is cropped
+with the centre's box, so the stacked slices stay registered. :func:`pe.anatomy.roi_crop.preprocess_rois`
+is the inference side of the ROI modes (the export and the kernel), :func:`crop_resize` is shared by all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +31,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from pe.anatomy.roi import CROP_MODES, roi_mode, study_roi_boxes  # noqa: F401  (CROP_MODES: re-exported)
 from pe.data.cache import read_jpeg
 from pe.rspect import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY
 
@@ -156,6 +163,9 @@ class SliceTable:
     sample_sop: np.ndarray  # (n,) str SOPInstanceUID
     label: np.ndarray  # (n,) float32 pe_present_on_image (NaN if unlabelled)
     exam: np.ndarray  # (n, 9) float32 exam labels of the sample's study (NaN if unlabelled)
+    # per cached file, read from cache_dir/rois.parquet on first use (ROI crop modes only)
+    roi_rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (boxes (n_files, 4), found, size)
+    roi_crops: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # (mode, slab) -> centre boxes
 
     def __len__(self) -> int:
         return len(self.sample_study)
@@ -170,6 +180,29 @@ class SliceTable:
             return None
         scale = image_size / float(self.box_size[code]) if self.box_size[code] > 0 else 1.0
         return tuple(float(v) * scale for v in b)  # type: ignore[return-value]
+
+    def load_rois(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(boxes (n_files, 4) float32, found bool, size float32) of every cached file, from
+        ``cache_dir/rois.parquet``; every file must have its row."""
+        if self.roi_rows is None:
+            from pe.anatomy.roi_cache import rois_per_file
+
+            self.roi_rows = rois_per_file(self.cache_dir, self.studies, self.study_len)
+        return self.roi_rows
+
+    def roi_box(self, code: int, center: int, image_size: int, cfg: CNNConfig) -> tuple[float, ...]:
+        """The ROI crop box of slice ``center`` of study ``code`` (and of its neighbours) in the pixels of
+        ``image_size`` images, for ``cfg``'s ROI mode (:func:`study_roi_boxes`, computed once per mode)."""
+        key = (str(cfg.crop_mode), int(cfg.crop_roi_slab))
+        if key not in self.roi_crops:
+            boxes, found, size = self.load_rois()
+            out = np.empty_like(boxes)
+            for c in range(len(self.studies)):
+                s, n = int(self.study_start[c]), int(self.study_len[c])
+                out[s:s + n] = study_roi_boxes(boxes[s:s + n], found[s:s + n], cfg, 1, 1) / size[s:s + n, None]
+            self.roi_crops[key] = out  # in units of the image side
+        b = self.roi_crops[key][int(self.study_start[code]) + center]
+        return tuple(float(v) * image_size for v in b)
 
     def frame(self) -> pd.DataFrame:
         """One row per sample: StudyInstanceUID, SOPInstanceUID, slice_index, label."""
@@ -235,12 +268,25 @@ def build_slice_table(meta: pd.DataFrame, index: pd.DataFrame, boxes: pd.DataFra
         label=label, exam=exam)
 
 
-def load_slice(table: SliceTable, code: int, k: int, cfg: CNNConfig) -> np.ndarray:
-    """(img_size, img_size, 3) uint8: slice k of study ``code`` read from the cache, lung-cropped
-    (when ``cfg.crop_lung``) and resized; the one place both the disk path and the preload read."""
+def load_slice(table: SliceTable, code: int, k: int, cfg: CNNConfig, center: int | None = None,
+               raw: bool = False) -> np.ndarray:
+    """(img_size, img_size, 3) uint8: slice k of study ``code`` read from the cache, cropped (when
+    ``cfg.crop_lung``: the lung box, or the ROI box of slice ``center``, k by default) and resized;
+    the one place both the disk path and the preload read. ``raw``: the cached image as it is."""
     img = read_rgb(table.cache_dir / table.files[int(table.study_start[code]) + k].decode())
-    box = table.box(code, img.shape[0]) if cfg.crop_lung else None
+    if raw:
+        return img
+    if roi_mode(cfg) is not None:
+        box = table.roi_box(code, k if center is None else center, img.shape[0], cfg)
+    else:
+        box = table.box(code, img.shape[0]) if cfg.crop_lung else None
     return crop_resize(img, box, cfg.img_size)
+
+
+def per_centre_crop(cfg: CNNConfig) -> bool:
+    """Whether a slice's crop depends on the input's centre slice (ROI per slice or slab): then the
+    preload keeps the cached images uncropped and crops each input on the fly."""
+    return roi_mode(cfg) in ("slice", "slab")
 
 
 class SliceDataset(Dataset):
@@ -259,6 +305,11 @@ class SliceDataset(Dataset):
         # pe.data.annotations.SampleMasks: samples also carry "mask" (uint8 H, W, augmented with the
         # image) and "annotated" (bool) for the attention loss
         self.masks = masks
+        if masks is not None and roi_mode(cfg) is not None:
+            raise ValueError(f"crop_mode={cfg.crop_mode}: the attention masks (pe.data.annotations) follow the "
+                             "lung box only; use crop_mode=lung with attention_lambda > 0")
+        if roi_mode(cfg) is not None and len(table.studies):
+            table.roi_box(0, 0, 1, cfg)  # load rois.parquet once, before DataLoader workers fork
         # (n_files, img_size, img_size, 3) uint8 when preloaded: every cached slice of the table's
         # studies (neighbours included), cropped and resized once. DataLoader workers share it
         # copy-on-write; samples are bit-identical to the disk path (tested).
@@ -275,12 +326,15 @@ class SliceDataset(Dataset):
         code, center = int(t.sample_study[i]), int(t.sample_slice[i])
         s0, n = int(t.study_start[code]), int(t.study_len[code])
         idx = neighbor_indices(center, n, self.cfg.neighbors)
+        if self.slices is not None and per_centre_crop(self.cfg):  # uncropped preload: crop here
+            box = t.roi_box(code, center, self.slices.shape[1], self.cfg)
+            return np.concatenate([crop_resize(self.slices[s0 + k], box, self.cfg.img_size) for k in idx], axis=-1)
         if self.slices is not None:
             return np.concatenate([self.slices[s0 + k] for k in idx], axis=-1)
         slices: dict[int, np.ndarray] = {}
         for k in idx:  # edge repeats decode once
             if k not in slices:
-                slices[int(k)] = load_slice(t, code, int(k), self.cfg)
+                slices[int(k)] = load_slice(t, code, int(k), self.cfg, center)
         return np.concatenate([slices[int(k)] for k in idx], axis=-1)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
@@ -326,6 +380,9 @@ def preload_slices(table: SliceTable, cfg: CNNConfig, workers: int = 2) -> np.nd
     pool decodes in parallel without copying the table into processes."""
 
     n, s = len(table.files), cfg.img_size
+    raw = per_centre_crop(cfg)
+    if raw and n:
+        s = read_rgb(table.cache_dir / table.files[0].decode()).shape[0]  # the cache's size
     need = n * s * s * 3
     avail = available_memory_bytes()
     if avail is not None and need > avail // 2:
@@ -336,7 +393,7 @@ def preload_slices(table: SliceTable, cfg: CNNConfig, workers: int = 2) -> np.nd
 
     def one(j: int) -> None:
         code = int(codes[j])
-        out[j] = load_slice(table, code, j - int(table.study_start[code]), cfg)
+        out[j] = load_slice(table, code, j - int(table.study_start[code]), cfg, raw=raw)
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         list(pool.map(one, range(n), chunksize=64))

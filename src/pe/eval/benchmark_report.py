@@ -23,7 +23,8 @@ from pe.io import write_json_atomic, write_text_atomic
 from pe.rspect import SOP, STUDY
 
 MAIN_KEYS: tuple[str, ...] = ("score", "study_pe_auc", "image_auc")
-FIGURE_KEYS: tuple[str, ...] = (*MAIN_KEYS, *(f"loss:{lab}" for lab in bm.LABELS))
+EXAM_AUC_KEYS: tuple[str, ...] = tuple(f"auc:{lab}" for lab in bm.EXAM_LABELS)
+FIGURE_KEYS: tuple[str, ...] = (*MAIN_KEYS, *(f"loss:{lab}" for lab in bm.LABELS), *EXAM_AUC_KEYS)
 BOX_FILES: tuple[str, ...] = ("phantom_test_boxes.csv", "train_boxes.csv")
 
 
@@ -189,7 +190,8 @@ def fmt_ci(c: Mapping[str, float] | None, digits: int = 4) -> str:
 def format_table(r: Mapping[str, Any]) -> str:
     """The printed table: one row per variant and seed plus the mean over seeds, the baselines, the
     paired differences and the seed spread."""
-    head = f"{'variant':<14}{'seed':<6}{'metric':<26}{'study PE AUC':<26}{'image AUC':<26}"
+    w = max([14, *(len(n) + 2 for n in r["variants"])])  # name column
+    head = f"{'variant':<{w}}{'seed':<6}{'metric':<26}{'study PE AUC':<26}{'image AUC':<26}"
     lines = [f"held-out: {r['n_heldout_studies']} studies ({r['n_heldout_pe_studies']} with PE), "
              f"{r['n_heldout_images']} images; trained on {r['n_train_studies']} studies, {r['folds']} folds; "
              f"95 % bootstrap intervals over studies ({r['n_boot']} resamples); metric: lower is better",
@@ -197,17 +199,19 @@ def format_table(r: Mapping[str, Any]) -> str:
     for name, v in r["variants"].items():
         rows = [(str(s), d["figures"]) for s, d in v["seeds"].items()] + [("mean", v["mean"])]
         for seed, f in rows:
-            lines.append(f"{name:<14}{seed:<6}" + "".join(f"{fmt_ci(f[k]):<26}" for k in MAIN_KEYS))
+            lines.append(f"{name:<{w}}{seed:<6}" + "".join(f"{fmt_ci(f[k]):<26}" for k in MAIN_KEYS))
     lines.append("-" * len(head))
-    lines.append(f"{'prior':<20}{fmt_ci(r['prior']['score']):<26}{fmt_ci(r['prior']['study_pe_auc']):<26}")
+    lines += _exam_auc_lines(r, w)
+    lines.append("-" * len(head))
+    lines.append(f"{'prior':<{w + 6}}{fmt_ci(r['prior']['score']):<26}{fmt_ci(r['prior']['study_pe_auc']):<26}")
     by_cnn: dict[tuple[str, ...], list[str]] = {}  # variants sharing their CNN runs share these rows
     for name, v in r["variants"].items():
         by_cnn.setdefault(tuple(d["run"] for d in v["seeds"].values()), []).append(name)
     for names in by_cnn.values():
         m = r["variants"][names[0]]["mean"]
-        lines.append(f"{'max-agg':<14}{'mean':<6}{fmt_ci(m['maxagg_score']):<26}{fmt_ci(m['maxagg_study_pe_auc']):<26}"
+        lines.append(f"{'max-agg':<{w}}{'mean':<6}{fmt_ci(m['maxagg_score']):<26}{fmt_ci(m['maxagg_study_pe_auc']):<26}"
                      f"(CNN of {', '.join(names)})")
-        lines.append(f"{'CNN slice AUC':<20}{fmt_ci(m['cnn_slice_auc']):<26}"
+        lines.append(f"{'CNN slice AUC':<{w + 6}}{fmt_ci(m['cnn_slice_auc']):<26}"
                      + (f"pointing game {fmt_ci(m['pointing'], 3)} vs chance {fmt_num(m['pointing_chance']['estimate'], 3)}"
                         if "pointing" in m else "pointing game: no embolus boxes"))
     lines += ["", "paired differences (mean over seeds of the per-seed difference; same studies resampled):"]
@@ -220,6 +224,19 @@ def format_table(r: Mapping[str, Any]) -> str:
     lines.append("seed spread of the baseline (sd over seeds, range): "
                  + ", ".join(f"{k} {fmt_num(sp[k]['sd'])} / {fmt_num(sp[k]['range'])}" for k in MAIN_KEYS))
     return "\n".join(lines)
+
+
+def _exam_auc_lines(r: Mapping[str, Any], w: int) -> list[str]:
+    """Exam-label AUC per variant (mean over seeds) with the held-out positives of each label."""
+    names = list(r["variants"])
+    w = max(w, 22)
+    lines = [f"{'exam-label AUC (mean)':<{w}}{'n pos':<6}" + "".join(f"{n[:24]:<26}" for n in names)]
+    for key in EXAM_AUC_KEYS:
+        lab = key[4:]
+        cells = [r["variants"][n]["mean"].get(key) for n in names]
+        lines.append(f"{lab:<{w}}{r['heldout_label_positives'].get(lab, 0):<6}"
+                     + "".join(f"{fmt_ci(c, 3):<26}" for c in cells))
+    return lines
 
 
 def _clean(obj: Any) -> Any:

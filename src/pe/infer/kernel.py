@@ -7,10 +7,14 @@ Per study, in z order:
    (:func:`pe.data.cache.slice_to_rgb`'s steps: HU → 3 windows of :mod:`pe.data.windows` → resize), optionally
    passed through an in-memory JPEG round trip (:func:`pe.data.cache.jpeg_roundtrip`, default on, since
    the CNN was trained on the cached JPEGs), and the study's lung box (:class:`pe.anatomy.lungbox.LungAccumulator`,
-   as the cache computes it); undecodable slices are replaced by their nearest decodable neighbour,
+   as the cache computes it), and when a CNN crops to the ROI (``CNNConfig.crop_mode`` roi_*) the
+   per-slice ROI boxes (:class:`pe.anatomy.roi.RoiAccumulator`, the function stage 02 stores in
+   rois.parquet); undecodable slices are replaced by their nearest decodable neighbour,
    as in the cache. The next studies are decoded while the models run on the current one;
 2. for every fold k: the fold-k CNN(s) → slice probabilities and embeddings (rounded to float16,
-   as the offline export stores them) → the fold-k sequence model(s) of every member;
+   as the offline export stores them) → the fold-k sequence model(s) of every member; a ConvLSTM
+   member (``model: convlstm``) reads the reduced feature maps instead, taken during the same CNN pass
+   by the export's hook (:class:`pe.models.convlstm.MapCapture`) with the projection in its checkpoint;
 3. per member, the folds are averaged (in the blend's probability/logit space, as
    ``src/07_ensemble.py`` averages the members' ``test_fold<k>.csv``), then the members are blended
    with ``weights.json`` of stage 07 (equal weights without one);
@@ -49,6 +53,7 @@ import yaml
 from tqdm import tqdm
 
 from pe import rspect
+from pe.anatomy.roi import roi_mode
 from pe.eval.ensemble import EnsembleError, blend_long, equal_spec, from_space, to_space
 from pe.ids import exam_row_id
 from pe.infer.studies import StudyImages, fallback_images, iter_studies, load_study, read_study_table
@@ -275,6 +280,7 @@ class _Models:
 
 
 def _load_models(cfg: InferenceConfig, log: Any) -> _Models:
+    from pe.models.convlstm import load_convlstm_member
     from pe.models.seq_rnn import load_seq_model
     from pe.models.slice_cnn import load_cnn
 
@@ -289,8 +295,8 @@ def _load_models(cfg: InferenceConfig, log: Any) -> _Models:
             raise InferenceError(f"{run / 'best.pt'}: cannot load ({type(e).__name__}: {e})") from e
 
     cnn = {(e, k): load(load_cnn, run) for e, runs in plan.cnn.items() for k, run in runs.items() if k in plan.folds}
-    seq = {(s, k): load(load_seq_model, run) for s, runs in plan.seq.items() for k, run in runs.items()
-           if k in plan.folds}
+    seq = {(s, k): load(load_convlstm_member if _run_config(run).get("model") == "convlstm" else load_seq_model, run)
+           for s, runs in plan.seq.items() for k, run in runs.items() if k in plan.folds}
     sizes = {cache_size_of(ccfg) for _, ccfg in cnn.values()}
     if cfg.image_size is None and len(sizes) != 1:
         raise InferenceError(f"the CNNs were trained on different cache sizes {sorted(sizes)}: give --image-size")
@@ -318,23 +324,31 @@ def _read_inputs(cfg: InferenceConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.D
 
 def _predict_study(models: _Models, item: StudyImages, folds: list[int], batch_size: int) -> dict[str, pd.DataFrame]:
     """Per sequence member: the study's image and exam predictions averaged over ``folds``."""
+    from pe.anatomy.roi_crop import infer_cropped
+    from pe.models.convlstm import ConvLSTMMember, MapCapture, predict_study_maps
     from pe.models.seq_rnn import predict_study
-    from pe.models.slice_cnn import infer_study
 
     plan, mode = models.plan, models.plan.spec["mode"]
     acc = {s: [np.zeros(len(item.sops)), np.zeros(len(EXAM_LABELS)), 0] for s in plan.seq}
     for k in folds:
         for cnn_exp in plan.cnn:
             model, ccfg = models.cnn[(cnn_exp, k)]
-            probs, emb = infer_study(model, ccfg, item.images, box=item.box, device=str(models.device),
-                                     batch_size=batch_size, amp=models.device.type == "cuda")
-            # The offline export stores embeddings as float16 and probabilities as float32, and
-            # the sequence models were trained on those: round the same way.
+            members = [s for s, c in plan.seq_cnn.items() if c == cnn_exp]
+            # ConvLSTM members read reduced feature maps: the export's hook, with each member's projection
+            conv = {s: models.seq[(s, k)][0] for s in members if isinstance(models.seq[(s, k)][0], ConvLSTMMember)}
+            with MapCapture(model, {s: (m.projection, m.reduction.k) for s, m in conv.items()}) as cap:
+                probs, emb = infer_cropped(model, ccfg, item.images, box=item.box, rois=item.rois,
+                                           device=models.device, batch_size=batch_size,
+                                           amp=models.device.type == "cuda",
+                                           where=f"the kernel's ROI of study {item.study}")
+            # The offline export stores embeddings (and maps) as float16 and probabilities as float32,
+            # and the sequence models were trained on those: round the same way.
             emb16 = np.asarray(emb, dtype=np.float16)
             p32 = np.asarray(probs, dtype=np.float32)
-            for s in (s for s, c in plan.seq_cnn.items() if c == cnn_exp):
+            for s in members:
                 smodel, scfg = models.seq[(s, k)]
-                ip, ep = predict_study(smodel, scfg, emb16, p32)
+                ip, ep = (predict_study_maps(smodel, cap.maps(s), p32) if s in conv
+                          else predict_study(smodel, scfg, emb16, p32))
                 acc[s][0] += to_space(ip, mode)
                 acc[s][1] += to_space(ep, mode)
                 acc[s][2] += 1
@@ -357,7 +371,8 @@ class _Run:
 
 def _run_studies(cfg: InferenceConfig, models: _Models, meta: pd.DataFrame, log: Any, t_start: float) -> _Run:
     """Decode (worker processes) and predict every study, stepping down the fold ladder when needed."""
-    jobs = [(study, g[SOP].tolist(), g["path"].tolist(), models.size, models.quality)
+    roi = any(roi_mode(ccfg) is not None for _, ccfg in models.cnn.values())  # a CNN crops to the ROI
+    jobs = [(study, g[SOP].tolist(), g["path"].tolist(), models.size, models.quality, roi)
             for study, g in meta.groupby(STUDY, sort=False)]
     budget = _Budget(cfg.budget_hours * 3600, len(meta), fold_levels(models.plan.folds), cfg.probe_studies, t_start)
     run = _Run({s: [] for s in models.plan.seq}, {}, [], {}, budget)

@@ -30,7 +30,9 @@ from pe.rspect import SOP, STUDY
 
 @dataclasses.dataclass
 class StudyImages:
-    """One decoded study: the CNN's input stack in z order, its lung box and what failed."""
+    """One decoded study: the CNN's input stack in z order, its lung box, its per-slice ROI rows
+    (boxes, found, size: :class:`pe.anatomy.roi.RoiAccumulator` as stage 02 computes them; None unless
+    asked for) and what failed."""
 
     study: str
     sops: list[str]
@@ -39,11 +41,13 @@ class StudyImages:
     errors: list[str]
     seconds: float
     failed: list[int] = dataclasses.field(default_factory=list)  # slice positions that did not decode
+    rois: tuple[np.ndarray, np.ndarray, int] | None = None
 
 
 def load_study(study: str, sops: Sequence[str], dicom_paths: Sequence[str], size: int,
-               jpeg_quality: int | None) -> StudyImages:
-    """Decode one study (paths in z order) into the CNN's input stack and its lung box.
+               jpeg_quality: int | None, roi: bool = False) -> StudyImages:
+    """Decode one study (paths in z order) into the CNN's input stack and its lung box (and, with
+    ``roi``, its per-slice ROI boxes in the pixels of the ``size`` images, as stage 02 stores them).
 
     Per slice this is :func:`pe.data.cache.slice_to_rgb` (read_hu → window_rgb → resize_image), spelled
     out because the HU are also needed for the lung box; ``jpeg_quality`` None skips the JPEG round
@@ -51,8 +55,9 @@ def load_study(study: str, sops: Sequence[str], dicom_paths: Sequence[str], size
     ties), exactly as the cache does.
     """
     from pe.anatomy.lungbox import LungAccumulator
+    from pe.anatomy.roi import RoiAccumulator, pixel_spacing_mm
     from pe.data.cache import jpeg_roundtrip, resize_image
-    from pe.data.dicom import read_hu
+    from pe.data.dicom import read_dataset, read_hu
     from pe.data.windows import window_rgb
 
     t0 = time.perf_counter()
@@ -60,6 +65,7 @@ def load_study(study: str, sops: Sequence[str], dicom_paths: Sequence[str], size
     ok = np.zeros(n, dtype=bool)
     images: np.ndarray | None = None
     acc: LungAccumulator | None = None
+    racc: RoiAccumulator | None = None
     errors: list[str] = []
     for k, path in enumerate(dicom_paths):
         try:
@@ -73,6 +79,9 @@ def load_study(study: str, sops: Sequence[str], dicom_paths: Sequence[str], size
             if acc is None:
                 acc = LungAccumulator(*hu.shape)
             acc.add(hu)
+            if roi:
+                racc = racc or RoiAccumulator(n, *hu.shape, pixel_spacing_mm(read_dataset(path)))
+                racc.add(k, hu)
             ok[k] = True
         except Exception as e:  # a broken file must not stop a 9-hour run: log and replace
             errors.append(f"{path}: {type(e).__name__}: {e}")
@@ -82,7 +91,8 @@ def load_study(study: str, sops: Sequence[str], dicom_paths: Sequence[str], size
     good = np.flatnonzero(ok)
     for k in failed:
         images[k] = images[good[np.argmin(np.abs(good - k))]]
-    return StudyImages(study, list(sops), images, acc.box(size), errors, time.perf_counter() - t0, failed)
+    rois = None if racc is None else (*racc.boxes(size), size)
+    return StudyImages(study, list(sops), images, acc.box(size), errors, time.perf_counter() - t0, failed, rois)
 
 
 def _init_worker() -> None:

@@ -130,6 +130,10 @@ def _pooled(stat: str):
     return fn
 
 
+def _nanmean(v: np.ndarray) -> float:
+    return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+
+
 def pooled_scores(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
                   alpha: float = 0.05) -> dict[str, BootstrapCI]:
     """Pooled sensitivity / PPV / F1 (from TP, FP, FN summed over studies) with percentile bootstrap
@@ -139,7 +143,7 @@ def pooled_scores(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
     counts = table[["tp", "fp", "fn"]].to_numpy(float)
     out = {s: bootstrap_ci(counts, _pooled(s), n_boot=n_boot, seed=seed, alpha=alpha)
            for s in ("sensitivity", "ppv", "f1")}
-    out["mean_study_f1"] = bootstrap_ci(table["f1"].to_numpy(float), lambda v: float(np.nanmean(v)),
+    out["mean_study_f1"] = bootstrap_ci(table["f1"].to_numpy(float), _nanmean,
                                         n_boot=n_boot, seed=seed, alpha=alpha)
     return out
 

@@ -1,8 +1,11 @@
 """Stage II over spatial feature maps: bidirectional ConvLSTM units (papers/shi2020_attention_guided_resnet_convlstm.txt
 section 2.2, after Braman et al. 2018) with the heads the competition needs.
 
-Per slice the input is a reduced feature map (C, k, k) of the stage-I CNN (a learned 1x1 projection
-and/or pooling to k x k; see :func:`feature_map_bytes` for why full maps are out of reach). The paper's
+Per slice the input is a reduced feature map (C, k, k) of the stage-I CNN: its last feature map
+average-pooled to k x k, then its channels projected by a fixed seeded random orthogonal matrix
+(:func:`reduce_feature_maps`, no CNN retraining; see :func:`feature_map_bytes` for why full maps are
+out of reach). The export (:mod:`pe.infer.embeddings`) and the kernel (:mod:`pe.infer.kernel`) both get
+the maps from one forward hook, :class:`MapCapture`, so they compute the same reduction. The paper's
 stack: 2 units, each an ascending then a descending ConvLSTM (96 filters, 3x3, batch norm after each
 layer, channel dropout 0.2 on inputs and recurrent states), then 2x2 max pooling. Our heads (as in
 :class:`pe.train.seq.SeqModel`, same output keys): a logit per slice from its spatially averaged
@@ -17,12 +20,16 @@ the pooled heads mask padding out (tested).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from pe.models.seq_rnn import cnn_logits
 from pe.rspect import EXAM_LABELS
 
 N_EXAM = len(EXAM_LABELS)
@@ -181,7 +188,7 @@ def feature_map_bytes(n_slices: int, channels: int, k: int, dtype: str = "float1
     return math.ceil(n_slices / slab_every) * channels * k * k * DTYPE_BYTES[dtype]
 
 
-# Export defaults: a learned 1x1 projection to 64 channels, average-pooled to 8x8, float16, every slice
+# Export defaults: a fixed projection to 64 channels, average-pooled to 8x8, float16, every slice
 # (the competition scores every image, so no slab subsampling by default): 14.7 GB for RSPECT train.
 DEFAULT_EXPORT = dict(channels=64, k=8, dtype="float16", slab_every=1)
 STORAGE_BUDGET_BYTES = 64 * 10**9
@@ -200,6 +207,201 @@ def storage_report(n_slices: int = RSPECT_TRAIN_SLICES, **kw: object) -> str:
         lines.append(f"{name}: {n_slices:,} slices x {a['channels']}x{a['k']}x{a['k']} {a['dtype']} every "
                      f"{a['slab_every']}: {b / 1e9:.1f} GB ({fits} 64 GB)")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# the fixed map reduction (shared by the export and the kernel)
+
+
+@dataclass
+class MapReduction:
+    """How per-slice maps are stored: the CNN's last feature map (in_features, H, W) average-pooled to
+    (k, k), its channels projected to ``channels`` by the seeded orthogonal :func:`projection_matrix`
+    (kept as is when ``channels >= in_features``), float16; with ``slab_every`` s only slices 0, s, 2s, ...
+    are stored and every slice reads its nearest stored one (:func:`slab_rows`)."""
+
+    k: int = DEFAULT_EXPORT["k"]  # type: ignore[assignment]
+    channels: int = DEFAULT_EXPORT["channels"]  # type: ignore[assignment]
+    seed: int = 0
+    slab_every: int = DEFAULT_EXPORT["slab_every"]  # type: ignore[assignment]
+    in_features: int = 0  # channels of the CNN's last feature map (0 = not yet known)
+
+    def __post_init__(self) -> None:
+        if min(self.k, self.channels, self.slab_every) < 1 or self.in_features < 0:
+            raise ValueError(f"map reduction needs k, channels, slab_every >= 1, got {self}")
+
+    @property
+    def out_channels(self) -> int:
+        return min(self.channels, self.in_features) if self.in_features else self.channels
+
+    def to_json(self) -> dict[str, int]:
+        return {key: int(v) for key, v in asdict(self).items()}
+
+
+def projection_matrix(in_features: int, channels: int, seed: int) -> np.ndarray:
+    """(in_features, min(channels, in_features)) float32 with orthonormal columns: the QR factor of a
+    seeded Gaussian matrix, signs fixed by diag(R) > 0 (so one seed gives one matrix); the identity when
+    no reduction is needed. Stored with the export and in every ConvLSTM checkpoint, so the kernel
+    multiplies by the very matrix the export used."""
+    if in_features < 1 or channels < 1:
+        raise ValueError(f"in_features and channels must be >= 1, got {in_features}, {channels}")
+    if channels >= in_features:
+        return np.eye(in_features, dtype=np.float32)
+    g = np.random.default_rng(seed).standard_normal((in_features, channels))
+    q, r = np.linalg.qr(g)
+    return (q * np.where(np.diag(r) < 0, -1.0, 1.0)[None, :]).astype(np.float32)
+
+
+def reduce_feature_maps(feats: torch.Tensor, projection: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, in_features, H, W) feature maps → (B, C, k, k) float32: adaptive average pooling to k x k,
+    then the channel projection (in_features, C). Both steps are linear, so the order is free; pooling
+    first is the cheap one."""
+    if feats.ndim != 4 or feats.shape[1] != projection.shape[0]:
+        raise ValueError(f"feature maps {tuple(feats.shape)} do not match a projection of {projection.shape[0]} "
+                         f"input channels")
+    with torch.autocast(device_type=feats.device.type, enabled=False):  # float32 under AMP too
+        x = F.adaptive_avg_pool2d(feats.float(), k)
+        return torch.einsum("bchw,cd->bdhw", x, projection.to(device=x.device, dtype=torch.float32))
+
+
+def slab_rows(n_slices: int, every: int) -> tuple[np.ndarray, np.ndarray]:
+    """(stored slice indices 0, every, 2*every, ... (m,), row of the nearest stored slice for each of
+    the n slices (n,), ties to the earlier one)."""
+    if every < 1:
+        raise ValueError(f"slab_every must be >= 1, got {every}")
+    stored = np.arange(0, n_slices, every, dtype=np.int64)
+    rows = np.minimum((np.arange(n_slices, dtype=np.int64) + (every - 1) // 2) // every, max(len(stored) - 1, 0))
+    return stored, rows
+
+
+class MapCapture:
+    """A forward hook on a :class:`pe.models.slice_cnn.SliceCNN`'s ``gradcam_layer`` (an identity on the
+    last feature map) that reduces every batch's maps as the CNN runs, once per requested reduction::
+
+        with MapCapture(cnn, {"m": (projection, k)}) as cap:
+            probs, emb = infer_cropped(cnn, cfg, images, ...)   # the usual inference, unchanged
+        maps = cap.maps("m")   # (n, C, k, k) float16 of every slice, z order
+    """
+
+    def __init__(self, model: nn.Module, reductions: dict[str, tuple[torch.Tensor, int]]) -> None:
+        self.model = model
+        self.reductions = reductions
+        self.parts: dict[str, list[np.ndarray]] = {key: [] for key in reductions}
+        self.handle: Any = None
+
+    def _hook(self, _module: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
+        for key, (proj, k) in self.reductions.items():
+            self.parts[key].append(reduce_feature_maps(out, proj, k).cpu().numpy())
+
+    def __enter__(self) -> MapCapture:
+        if self.reductions:
+            layer = getattr(self.model, "gradcam_layer", None)
+            if layer is None:
+                raise ValueError(f"{type(self.model).__name__} has no gradcam_layer to read feature maps from")
+            self.handle = layer.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def maps(self, key: str) -> np.ndarray:
+        """(n, C, k, k) float16 (as stored); an error when a value does not fit float16."""
+        proj, k = self.reductions[key]
+        parts = self.parts[key]
+        out = np.concatenate(parts) if parts else np.zeros((0, proj.shape[1], k, k), np.float32)
+        out16 = out.astype(np.float16)
+        if not np.isfinite(out16).all():
+            raise ValueError("reduced feature maps are not finite in float16 (|x| > 65504 or NaN)")
+        return out16
+
+
+# --------------------------------------------------------------------------------------------
+# the trained member: input standardisation + ConvLSTM + slab expansion (+ optional CNN skip)
+
+
+class ConvLSTMMember(nn.Module):
+    """What a ConvLSTM stage-2 checkpoint holds: per-channel input standardisation (fitted on the
+    training maps), :class:`ConvLSTMSeqModel` over the stored maps, each slice's image logit read from
+    its nearest stored map (``rows``) and, with ``cnn_skip``, plus w x logit(CNN slice probability)
+    (w starts at 1 and the ConvLSTM's image head at 0, as the BiGRU's ``cnn_skip``). The buffer
+    ``projection`` is the export's channel projection, which the kernel reuses."""
+
+    def __init__(self, cfg: ConvLSTMConfig, reduction: MapReduction, cnn_skip: bool = False) -> None:
+        super().__init__()
+        if not reduction.in_features:
+            raise ValueError("the map reduction must know the CNN's feature channels (in_features)")
+        self.reduction = reduction
+        self.core = ConvLSTMSeqModel(cfg)
+        self.register_buffer("in_mean", torch.zeros(cfg.in_channels))
+        self.register_buffer("in_std", torch.ones(cfg.in_channels))
+        self.register_buffer("projection", torch.from_numpy(
+            projection_matrix(reduction.in_features, reduction.channels, reduction.seed)))
+        self.cnn_skip = cnn_skip
+        if cnn_skip:
+            self.skip_w = nn.Parameter(torch.ones(()))
+            with torch.no_grad():
+                self.core.image_head.weight.zero_()
+                self.core.image_head.bias.zero_()
+
+    def set_input_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
+        with torch.no_grad():
+            self.in_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+            self.in_std.copy_(torch.as_tensor(np.maximum(std, 1e-6), dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, map_mask: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor,
+                cnn_logit: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """x (B, M, C, k, k) stored maps, map_mask (B, M), rows (B, L) long (stored row of each slice),
+        mask (B, L), cnn_logit (B, L) → image_logits (B, L), exam_logits (B, 9), attention (B, M)."""
+        x = (x - self.in_mean[:, None, None]) / self.in_std[:, None, None]
+        out = self.core(x, map_mask)
+        image = torch.gather(out["image_logits"], 1, rows.clamp(min=0))
+        if self.cnn_skip:
+            if cnn_logit is None:
+                raise ValueError("cnn_skip needs the CNN slice logits")
+            image = image + self.skip_w * cnn_logit
+        return {"image_logits": image.masked_fill(~mask.bool(), 0.0), "exam_logits": out["exam_logits"],
+                "attention": out["attention"]}
+
+
+def core_config(values: dict[str, Any], in_channels: int) -> ConvLSTMConfig:
+    """The architecture part of a training config (``pe.config.ConvLSTMSeqConfig`` as a dict)."""
+    keys = ("hidden", "kernel", "units", "dropout", "head_dropout", "attn_dim")
+    return ConvLSTMConfig(in_channels=in_channels, **{key: values[key] for key in keys if key in values})
+
+
+def load_convlstm_member(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[ConvLSTMMember, Any]:
+    """Rebuild a trained :class:`ConvLSTMMember` (eval mode, on ``device``) and its training config
+    (``pe.config.ConvLSTMSeqConfig``) from best.pt (``weights_only=True``)."""
+    from pe.config import ConvLSTMSeqConfig, from_dict
+    from pe.train.core import load_checkpoint
+
+    path = Path(checkpoint)
+    ckpt = load_checkpoint(path, ("model", "config", "reduction"), "ConvLSTM checkpoint")
+    if list(ckpt.get("exam_labels", EXAM_LABELS)) != list(EXAM_LABELS):
+        raise ValueError(f"{path}: exam head order {ckpt['exam_labels']} differs from pe.rspect.EXAM_LABELS")
+    cfg = from_dict(ConvLSTMSeqConfig, ckpt["config"], str(path))
+    reduction = MapReduction(**{key: int(v) for key, v in dict(ckpt["reduction"]).items()})
+    model = ConvLSTMMember(core_config(dict(ckpt["config"]), reduction.out_channels), reduction, cfg.cnn_skip)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), cfg
+
+
+@torch.no_grad()
+def predict_study_maps(model: ConvLSTMMember, maps: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One study from the maps of ALL its slices (n, C, k, k) float16 as :class:`MapCapture` gives them
+    (the member's ``slab_every`` picks the stored ones, as the export does) and its CNN slice
+    probabilities (n,): (image probabilities (n,), exam probabilities (9,) in EXAM_LABELS order)."""
+    model.eval()
+    device = model.in_mean.device
+    stored, rows = slab_rows(len(maps), model.reduction.slab_every)
+    x = torch.from_numpy(np.asarray(maps)[stored].astype(np.float32))[None].to(device)
+    logit = torch.from_numpy(cnn_logits(probs))[None].to(device)
+    out = model(x, torch.ones(x.shape[:2], dtype=torch.bool, device=device), torch.from_numpy(rows)[None].to(device),
+                torch.ones(logit.shape, dtype=torch.bool, device=device), logit)
+    return (torch.sigmoid(out["image_logits"][0]).double().cpu().numpy(),
+            torch.sigmoid(out["exam_logits"][0]).double().cpu().numpy())
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from pe.eval.metric import auc
 from pe.io import write_parquet_atomic
 from pe.models.slice_cnn import build_model
 from pe.rspect import SOP, STUDY
+from pe.train.attention import capture_features
 from pe.train.core import (
     MetricsLog,
     amp_settings,
@@ -64,7 +65,6 @@ from pe.train.core import (
     save_checkpoint,
     seed_everything,
 )
-from pe.train.attention import capture_features
 from pe.train.losses import AttentionSliceLoss, LossFn, build_cnn_loss
 
 

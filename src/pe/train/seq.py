@@ -36,12 +36,17 @@ from pe.eval.metric import score, torch_metric_loss
 from pe.eval.submission import to_long
 from pe.io import write_csv_atomic, write_json_atomic
 from pe.models.seq_rnn import (
+    EV_STD_FLOOR,
+    IND_J,
     N_EXAM,
+    NEG_J,
+    POS_ONLY_J,
     SeqModel,
     cnn_logits,
     input_dim,
     pooled_evidence,
     slice_features,
+    standardise_evidence,
     validate_config,
 )
 from pe.rspect import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY
@@ -78,10 +83,26 @@ def build_model(items: list[StudySeq], cfg: SeqConfig) -> SeqModel:
     model.set_input_stats(*feature_stats(items, cfg))
     # Start at the smoothed training frequencies (as the prior baseline): a label absent from the
     # training folds starts at 1 / (n + 2), not at ~0 (which costs ~9 per held-out positive).
-    model.set_prior_bias(succession_rate(np.sum([it.exam_labels for it in items], axis=0), len(items)))
+    model.set_prior_bias(exam_prior(items, cfg.conditional_heads))
     if cfg.evidence_heads:
         model.set_evidence_init(*fit_evidence_init(items, cfg))
     return model
+
+
+def pe_exam(labels: np.ndarray) -> np.ndarray:
+    """Bool (N,): exams with PE (neither negative_exam_for_pe nor indeterminate)."""
+    return (labels[:, NEG_J] < 0.5) & (labels[:, IND_J] < 0.5)
+
+
+def exam_prior(items: list[StudySeq], conditional: bool = False) -> np.ndarray:
+    """(9,) smoothed training frequencies of the exam labels; with ``conditional`` the seven
+    positive-only labels' frequencies among the PE exams (what conditional heads predict)."""
+    y = np.stack([it.exam_labels for it in items])
+    prior = succession_rate(y.sum(0), len(y))
+    if conditional:
+        pos = pe_exam(y)
+        prior[POS_ONLY_J] = succession_rate(y[pos][:, POS_ONLY_J].sum(0), int(pos.sum()))
+    return prior
 
 
 def study_evidence(items: list[StudySeq], k: int) -> np.ndarray:
@@ -98,16 +119,20 @@ def fit_evidence_init(items: list[StudySeq], cfg: SeqConfig) -> tuple[np.ndarray
     logistic regression of the label on the standardised pooled evidence of the training studies.
     A label with one class in training gets no slope and its smoothed frequency as intercept."""
     ev = study_evidence(items, cfg.evidence_topk)
-    mean, std = ev.mean(0), np.maximum(ev.std(0), 1e-6)
-    z = (ev - mean) / std
-    y = np.stack([it.exam_labels for it in items]) > 0.5
+    mean, std = ev.mean(0), np.maximum(ev.std(0), EV_STD_FLOOR)
+    z = standardise_evidence(ev, mean, std)
+    labels = np.stack([it.exam_labels for it in items])
+    y = labels > 0.5
+    pos = pe_exam(labels)
     weight, bias = np.zeros((N_EXAM, ev.shape[1])), np.zeros(N_EXAM)
     for j in range(N_EXAM):
-        if y[:, j].all() or not y[:, j].any():
-            p = float(succession_rate(y[:, j].sum(), len(y)))
+        rows = pos if cfg.conditional_heads and j in POS_ONLY_J else np.ones(len(y), bool)
+        yj = y[rows, j]
+        if yj.all() or not yj.any():
+            p = float(succession_rate(yj.sum(), len(yj)))
             bias[j] = np.log(p / (1 - p))
             continue
-        lr = LogisticRegression(C=1.0).fit(z, y[:, j])
+        lr = LogisticRegression(C=1.0).fit(z[rows], yj)
         weight[j], bias[j] = lr.coef_[0], lr.intercept_[0]
     return mean, std, weight, bias
 

@@ -1,0 +1,58 @@
+"""Stage 11: explainability teacher → per-study 3D pseudo-masks (condrea2024 stage 2).
+
+Reads  work/models/<exp>/fold<k>/best.pt (stage 04: on train each study's out-of-fold model, on
+       test the mean logit of every fold model), the JPEG cache named in its config (stage 02),
+       its folds.csv and work/meta/<split>.parquet (stage 01).
+Writes work/localize/<exp>/teacher/<split>/{masks,iters}/parts/<StudyInstanceUID>.parquet,
+       .../masks/index.parquet, .../clusters.csv (3D clusters with a score per study),
+       .../timings.csv. Resumable: finished studies are skipped.
+
+    python src/11_pseudo_masks.py --exp demo_n3 --split train
+    python src/11_pseudo_masks.py --exp demo_n3 --split test --ig-steps 32 --max-iter 10
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pe.localize.teacher import TeacherConfig
+from pe.localize.teacher_stage import TeacherStageConfig, run_teacher
+
+
+def _none_or_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "off") else float(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--exp", required=True, help="stage-04 experiment name (work/models/<exp>/)")
+    ap.add_argument("--split", choices=["train", "test"], default="train")
+    ap.add_argument("--out", default=None, help="output folder (default work/localize/<exp>/teacher/<split>)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-studies", type=int, default=None, help="first N studies only (smoke runs)")
+    ap.add_argument("--clf-threshold", type=float, default=0.5, help="window probability that counts as positive")
+    ap.add_argument("--ig-steps", type=int, default=32)
+    ap.add_argument("--n-references", type=int, default=1, help="IG references (k > 1 adds noisy ones)")
+    ap.add_argument("--smoothgrad-samples", type=int, default=0)
+    ap.add_argument("--high", type=float, default=0.5, help="hysteresis seed threshold (fraction of the peak)")
+    ap.add_argument("--low", type=float, default=0.2, help="hysteresis join threshold (fraction of the peak)")
+    ap.add_argument("--max-iter", type=int, default=10, help="refinement rounds per window")
+    ap.add_argument("--min-new-voxels", type=int, default=50, help="stop a window when a round finds fewer")
+    ap.add_argument("--agg-threshold", type=float, default=0.4, help="Gaussian-weighted vote a voxel needs")
+    ap.add_argument("--min-voxels", type=_none_or_float, default=100.0,
+                    help="size filter at 512 px (scaled by (S/512)^2; 'none' = off)")
+    ap.add_argument("--max-dist", type=_none_or_float, default=160.0,
+                    help="distance filter at 512 px from the image centre (scaled by S/512; 'none' = off)")
+    a = ap.parse_args(argv)
+    teacher = TeacherConfig(clf_threshold=a.clf_threshold, ig_steps=a.ig_steps, n_references=a.n_references,
+                            smoothgrad_samples=a.smoothgrad_samples, high=a.high, low=a.low, max_iter=a.max_iter,
+                            min_new_voxels=a.min_new_voxels, agg_threshold=a.agg_threshold)
+    cfg = TeacherStageConfig(teacher=teacher, min_voxels_512=a.min_voxels, max_dist_512=a.max_dist,
+                             max_studies=a.max_studies, device=a.device)
+    out = run_teacher(a.exp, a.split, cfg, out=a.out)
+    print(f"pseudo-masks: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""Stage 12: the 3D segmentation student on the teacher's pseudo-masks (condrea2024 stage 3).
+
+Reads  work/localize/<exp>/teacher/train/masks (stage 11), the JPEG cache and metadata of the
+       stage-04 experiment <exp>.
+Writes work/localize/<exp>/student/model.pt (reused unless --retrain) and, per split,
+       work/localize/<exp>/student/<split>/masks/ (predicted clusters, resumable per study),
+       .../clusters.csv (3D clusters with a score per study) and .../timings.csv.
+With --boxes (box truth of the last split, e.g. the phantom's phantom_test_boxes.csv) it prints the
+localisation table of teacher and student (bench/bench_localize.py prints the same).
+
+    python src/12_train_student.py --exp demo_n3 --splits test
+    python src/12_train_student.py --exp demo_n3 --splits test --boxes input/phantom/phantom_test_boxes.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from pe.localize.student import StudentConfig
+from pe.localize.student_stage import StudentStageConfig, run_student
+from pe.models.seg3d import Seg3DConfig
+
+
+def _none_or_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "off") else float(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--exp", required=True, help="stage-04/11 experiment name")
+    ap.add_argument("--splits", nargs="+", choices=["train", "test"], default=["test"], help="splits to predict")
+    ap.add_argument("--out", default=None, help="output folder (default work/localize/<exp>/student)")
+    ap.add_argument("--retrain", action="store_true", help="train again even when model.pt exists")
+    ap.add_argument("--max-studies", type=int, default=None, help="first N studies per split (smoke runs)")
+    ap.add_argument("--crop", type=int, nargs=3, default=[16, 64, 64], metavar=("Z", "Y", "X"),
+                    help="training crop and sliding window (paper: 64 128 128)")
+    ap.add_argument("--filters", type=int, nargs="+", default=[8, 16, 32], help="DynUNet filters per level (3 levels)")
+    ap.add_argument("--iterations", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--loss", choices=["gdl", "gdl_ce"], default="gdl_ce")
+    ap.add_argument("--mixup-alpha", type=float, default=0.4, help="Beta(a, a) mixup weight; 0 = off")
+    ap.add_argument("--pos-fraction", type=float, default=0.5, help="share of crops centred on a pseudo-mask voxel")
+    ap.add_argument("--high", type=float, default=0.5, help="hysteresis seed threshold on the PE probability")
+    ap.add_argument("--low", type=float, default=0.3)
+    ap.add_argument("--min-voxels", type=_none_or_float, default=100.0, help="size filter at 512 px ('none' = off)")
+    ap.add_argument("--max-dist", type=_none_or_float, default=160.0, help="distance filter at 512 px ('none' = off)")
+    ap.add_argument("--cache-dir", default=None, help="JPEG cache (default: the one of the stage-04 config of --exp)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--boxes", default=None, help="box truth CSV of the last split: print the localisation table")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    student = StudentConfig(crop_zyx=tuple(a.crop), batch_size=a.batch_size, iterations=a.iterations, lr=a.lr,
+                            warmup=max(1, a.iterations // 15), loss=a.loss, pos_fraction=a.pos_fraction,
+                            mixup_alpha=a.mixup_alpha,
+                            high=a.high, low=a.low, seed=a.seed, device=a.device)
+    seg = Seg3DConfig(filters=tuple(a.filters))
+    cfg = StudentStageConfig(student=student, seg=seg, min_voxels_512=a.min_voxels, max_dist_512=a.max_dist,
+                             max_studies=a.max_studies, retrain=a.retrain,
+                             cache_dir=a.cache_dir)
+    out = run_student(a.exp, tuple(a.splits), cfg, out=a.out)
+    print(f"student: {out}")
+    if a.boxes:
+        from pe.localize.evaluate import format_table, localization_table
+        from pe.localize.teacher_stage import TeacherStageConfig
+
+        flt = TeacherStageConfig(min_voxels_512=a.min_voxels, max_dist_512=a.max_dist)
+        print(format_table(localization_table(a.exp, a.splits[-1], a.boxes, flt)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""Stage 12: the 3D student trained on the teacher's pseudo-masks (condrea2024 stage 3).
+
+Inputs are cache-frame volumes in the paper's PE window (:func:`pe.localize.frames.pe_window`), the
+targets the stage-11 pseudo-masks of the train split (``work/localize/<exp>/teacher/train/masks``).
+Training is :func:`pe.localize.student.train_student` (MONAI DynUNet, balanced crops, Generalized
+Dice (+ CE), mixup, AdamW warm-up + cosine); every study with a non-empty pseudo-mask is used, plus
+as many studies without one (so background crops include whole negative studies).
+
+Output under ``work/localize/<exp>/student/``: ``model.pt`` (``{"model", "config", "history"}``,
+loads with ``weights_only=True``; an existing one is reused unless ``retrain``), and per split
+``<split>/masks/`` (PseudoMaskStore of the predicted clusters, resumable per study),
+``<split>/clusters.csv`` (same columns as the teacher's; score = the predicted PE probability) and
+``<split>/timings.csv``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pe.config import resolve_paths
+from pe.data.cache import load_index
+from pe.io import atomic_path
+from pe.localize.clusters import ClusterFilter
+from pe.localize.frames import lung_boxes, pe_window, study_volume
+from pe.localize.pseudo_io import PseudoMaskStore
+from pe.localize.student import StudentConfig, predict_clusters, train_student
+from pe.localize.teacher_stage import (
+    TeacherStageConfig,
+    any_checkpoint,
+    finish_outputs,
+    localize_dir,
+    study_clusters,
+    teacher_dir,
+)
+from pe.models.seg3d import Seg3DConfig, build_seg3d
+from pe.models.slice_cnn import load_cnn
+
+
+@dataclass
+class StudentStageConfig:
+    student: StudentConfig = field(default_factory=StudentConfig)
+    seg: Seg3DConfig = field(default_factory=Seg3DConfig)
+    min_voxels_512: float | None = 100.0  # filter of the predicted clusters, as the teacher's
+    max_dist_512: float | None = 160.0
+    max_studies: int | None = None  # per split, first N (sorted ids): smoke runs
+    retrain: bool = False
+    cache_dir: str | None = None  # default: the cache of the stage-04 experiment's config
+
+    def cluster_filter(self, size: int) -> ClusterFilter:
+        return TeacherStageConfig(min_voxels_512=self.min_voxels_512, max_dist_512=self.max_dist_512).cluster_filter(size)
+
+
+def student_dir(exp: str) -> Path:
+    return localize_dir(exp) / "student"
+
+
+def _tuples(d: dict) -> dict:
+    return {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+            for k, v in d.items()}
+
+
+def load_student(path: Path) -> tuple[torch.nn.Module, StudentConfig, Seg3DConfig]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    scfg = StudentConfig(**_tuples(ckpt["config"]["student"]))
+    seg = Seg3DConfig(**_tuples(ckpt["config"]["seg"]))
+    model = build_seg3d(seg)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), scfg, seg
+
+
+def _training_set(exp: str, cache_dir: Path, index, boxes, limit: int | None) -> tuple[list, list]:
+    store = PseudoMaskStore(teacher_dir(exp, "train") / "masks")
+    studies = sorted(store.done())[:limit]
+    if not studies:
+        raise FileNotFoundError(f"{store.root}: no pseudo-masks (run src/11_pseudo_masks.py --split train)")
+    pos, neg = [], []
+    for s in studies:
+        labels, _ = store.read(s)
+        (pos if labels.any() else neg).append((s, labels))
+    if not pos:
+        raise ValueError(f"{store.root}: every pseudo-mask is empty; nothing to learn from")
+    vols, masks = [], []
+    for s, labels in pos + neg[: len(pos)]:
+        v = pe_window(study_volume(cache_dir, s, index, boxes).images)
+        if v.shape != labels.shape:
+            raise ValueError(f"study {s}: cache volume {v.shape} but pseudo-mask {labels.shape}")
+        vols.append(v)
+        masks.append(labels > 0)
+    return vols, masks
+
+
+def fit_or_load(exp: str, cfg: StudentStageConfig, out: Path, cache_dir: Path, index, boxes):
+    """The student of ``out/model.pt`` (trained now when missing or ``cfg.retrain``)."""
+    path = out / "model.pt"
+    if path.is_file() and not cfg.retrain:
+        print(f"{path}: reusing the trained student", file=sys.stderr)
+        return load_student(path)[0]
+    t0 = time.perf_counter()
+    vols, masks = _training_set(exp, cache_dir, index, boxes, cfg.max_studies)
+    with warnings.catch_warnings():  # crops of negative studies: MONAI warns that it cannot balance them
+        warnings.filterwarnings("ignore", message="Num foregrounds 0")
+        model, history = train_student(vols, masks, cfg.student, cfg.seg)
+    ckpt = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "config": {"student": dataclasses.asdict(cfg.student), "seg": dataclasses.asdict(cfg.seg)},
+            "history": [float(h) for h in history], "train_seconds": time.perf_counter() - t0,
+            "train_studies": len(vols)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+    print(f"student trained on {len(vols)} studies in {ckpt['train_seconds']:.1f} s: loss "
+          f"{np.mean(history[:10]):.3f} -> {np.mean(history[-10:]):.3f}", file=sys.stderr)
+    return model
+
+
+def _split_studies(split: str) -> list[str]:
+    import pandas as pd
+
+    from pe import paths
+    from pe.localize.frames import check_uid
+    from pe.rspect import STUDY
+
+    p = paths.meta_path(split)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: {split} metadata not found (run src/01_parse_metadata.py)")
+    return [check_uid(s) for s in sorted(pd.read_parquet(p, columns=[STUDY])[STUDY].astype(str).unique())]
+
+
+def run_student(exp: str, splits: tuple[str, ...] = ("test",), cfg: StudentStageConfig | None = None,
+                out: Path | None = None) -> Path:
+    """Stage 12 (see the module docstring); returns the output folder."""
+    cfg = cfg or StudentStageConfig()
+    out = Path(out) if out is not None else student_dir(exp)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else resolve_paths(load_cnn(any_checkpoint(exp), "cpu")[1])[0]
+    index, boxes = load_index(cache_dir), lung_boxes(cache_dir)
+    model = fit_or_load(exp, cfg, out, cache_dir, index, boxes).to(cfg.student.device)
+    for split in splits:
+        store = PseudoMaskStore(out / split / "masks")
+        studies = _split_studies(split)[: cfg.max_studies]
+        for study in tqdm(store.pending(studies), desc=f"student {exp}/{split}"):
+            t0 = time.perf_counter()
+            frames = study_volume(cache_dir, study, index, boxes)
+            vol = pe_window(frames.images)
+            labels, prob = predict_clusters(model, vol, cfg.student, cfg.cluster_filter(vol.shape[1]))
+            extra = {"seconds": time.perf_counter() - t0, "windows": int(len(vol)),
+                     "clusters": study_clusters(study, labels, prob, frames.sops).to_dict("records")}
+            store.write(study, labels, frames.sops, extra)
+        finish_outputs(store, studies, out / split)
+    return out
