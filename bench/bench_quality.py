@@ -231,7 +231,8 @@ def prep_stages(data: Path, prep: Path, cache_sizes: Sequence[int]) -> list[Stag
     return out
 
 
-def cnn_stages(v: bm.Variant, args: argparse.Namespace, seed: int, run: Path, env: dict[str, str]) -> list[Stage]:
+def cnn_stages(v: bm.Variant, args: argparse.Namespace, seed: int, run: Path, env: dict[str, str],
+               maps: bool = False) -> list[Stage]:
     cnn_over = [*v.cnn.overrides, *args.cnn_override, "name=cnn", f"seed={bm.config_seed(v.cnn) + seed}",
                 "progress=false"]
     st = [Stage(f"{run.name}/03_make_folds", [PY, "src/03_make_folds.py", "--meta", str(run / "work/meta/train.parquet"),
@@ -239,8 +240,10 @@ def cnn_stages(v: bm.Variant, args: argparse.Namespace, seed: int, run: Path, en
                                               "--seed", str(42 + seed)], env, "03")]
     st += [Stage(f"{run.name}/04_train_cnn:fold{k}", [PY, "src/04_train_cnn.py", "--config", v.cnn.config, "--fold",
                                                       str(k), *cnn_over], env, "04") for k in range(args.folds)]
+    # --maps (reduced feature maps) only when a member of the group is a ConvLSTM: the command, and so
+    # the resume marker, of the other groups stays as it was
     st += [Stage(f"{run.name}/05_export_embeddings:{s}", [PY, "src/05_export_embeddings.py", "--exp", "cnn",
-                                                          "--split", s], env, "05")
+                                                          "--split", s, *(["--maps"] if maps else [])], env, "05")
            for s in ("train", "test")]
     return st
 
@@ -303,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = out / "runs" / f"cnn-{key}-s{seed}"
             link_run(run, prep)
             env = bm.env_for(run / "work", run / "oof", data, run / "reports")
-            for st in cnn_stages(group[0], args, seed, run, env):
+            for st in cnn_stages(group[0], args, seed, run, env, bm.needs_maps(group, args.seq_override)):
                 runner.run(st)
             for v in group:
                 runs[(v.name, seed)] = run

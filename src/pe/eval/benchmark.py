@@ -389,6 +389,12 @@ def config_seed(spec: StageSpec) -> int:
     return int(_config_value(spec, "seed", (), 42))
 
 
+def needs_maps(variants: Sequence[Variant], extra: Sequence[str] = ()) -> bool:
+    """Whether a sequence member of these variants is a ConvLSTM (``model: convlstm``), which reads the
+    reduced feature maps that ``05_export_embeddings.py --maps`` writes."""
+    return any(str(_config_value(m, "model", extra, "")) == "convlstm" for v in variants for m in v.seq)
+
+
 def cache_size(spec: StageSpec, extra: Sequence[str] = ()) -> int:
     """The JPEG cache size a CNN spec reads (stage 02 must make it)."""
     from pe.config import CNNConfig
