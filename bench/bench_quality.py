@@ -26,13 +26,12 @@ give ~30 PE exams, so every exam label has held-out positives (chronic ~4, acute
 central ~5, indeterminate 1) and the study-level AUCs are defined; RSPECT's 32 % would leave
 1 acute-and-chronic exam and fewer positive slices for the CNN (the demo's weakness). With K=3,
 each fold trains on ~120 studies (~5,300 slices, ~415 positive); 6 CNN epochs make ~610 optimizer
-steps, the demo's learning budget. Measured on this 2-core machine (2026-11-27, load average
-7-10 from other work, so several times slower than alone): phantom 00 ~370 s (studies 250 s,
-then the anatomy truth files),
-01 16 + 7 s, 02 95 + 38 s (all made once, then reused), CNN epoch 102 steps in 346 s (9.4
-samples/s vs ~104 alone). Estimated alone (104 samples/s): ~260 s per CNN fold, so baseline + a
-stage-2 variant x 2 seeds = 6 CNN folds ~26 min + ~10 min for the rest; a variant that changes
-the CNN doubles the CNN part (~60 min): use --scale 0.5 or --folds 2 for such a comparison here.
+steps, the demo's learning budget. Measured on this 2-core machine (2026-11-27): phantom 00 ~370 s (made once), 01/02 ~2 min (made
+once, then reused); a CNN fold of 6 epochs x ~3,150 samples trains at ~45-50 samples/s when the
+machine is otherwise idle (~470 s with validation), the 4 embedding exports take ~2 min each, a
+sequence model ~10 s. So the default (baseline + a stage-2 variant, 2 seeds: 6 CNN folds) is
+estimated at ~60 min, over the issue's 45; a variant that changes the CNN adds ~50 min: use
+--folds 2 or --scale 0.5 for such a comparison here (the README has the run's table).
 Output in ``--out`` (default reports/bench-quality/<date-time>/): results.json, the printed table
 (table.txt), index.html + labels.png, predictions/<variant>_seed<s>.csv (id,label), logs/, runs/.
 """
