@@ -77,7 +77,8 @@ def explain_slices(cnn_exp: str, targets: pd.DataFrame, fold_of: pd.Series,
             crop_boxes = {str(r[STUDY]): (int(r["x0"]), int(r["y0"]), int(r["x1"]), int(r["y1"]))
                           for r in load_boxes(cache_dir).to_dict("records")}
         centre = 3 * int(getattr(cfg, "neighbors", 0)) + 1  # G (PE window) of the centre slice
-        for study, ts in tqdm(tf.groupby(STUDY), desc=f"explain {cnn_exp}/fold{fold}", leave=False):
+        for study, ts in tqdm(tf.groupby(STUDY), desc=f"explain {cnn_exp}/fold{fold}", leave=False,
+                              disable=None):  # None: no bar when stderr is not a terminal (logs)
             study = str(study)
             ci = cindex[cindex[STUDY] == study].sort_values("slice_index")
             pos = pd.Series(np.arange(len(ci)), index=ci[SOP].astype(str).to_numpy())
