@@ -29,15 +29,11 @@ from pe.io import write_csv_atomic
 from pe.models.convlstm import ConvLSTMMember, MapReduction, core_config
 from pe.rspect import EXAM_LABELS
 from pe.train.core import (
-    MetricsLog,
     cpu_state_dict,
-    make_optimizer,
-    make_scheduler,
     resolve_device,
-    save_checkpoint,
     seed_everything,
 )
-from pe.train.seq import exam_prior, metric_from_logits, metric_loss, predictions_long
+from pe.train.seq import exam_prior, fit_on_metric, metric_loss, predictions_long
 
 
 def validate_config(cfg: ConvLSTMSeqConfig) -> None:
@@ -131,36 +127,7 @@ def fit(cfg: ConvLSTMSeqConfig, train: list[MapStudy], val: list[MapStudy], redu
     device = device or resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model = build_member(train, cfg, reduction).to(device)
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, decay_1d=True)
-    steps = math.ceil(len(train) / cfg.batch_size)
-    warm = max(1, cfg.warmup_epochs * steps)
-    sched = make_scheduler(opt, warm, max(warm + 1, cfg.epochs * steps), cfg.min_lr_ratio)
-    rng = np.random.default_rng(cfg.seed)
-    best_val, best_epoch, best_state, bad = float("inf"), -1, None, 0
-    log = MetricsLog(run_dir / "metrics.jsonl") if run_dir is not None else None
-    if log is not None:
-        log.start()
-    for epoch in range(cfg.epochs):
-        t0 = time.time()
-        train_loss = _train_epoch(model, train, cfg, rng.permutation(len(train)), opt, sched, device,
-                                  f"{cfg.name} ep{epoch}")
-        val_metric = metric_from_logits(val, *predict_map_items(model, val, cfg, device))  # type: ignore[arg-type]
-        record = {"epoch": epoch, "train_loss": train_loss, "val_metric": val_metric,
-                  "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 3)}
-        if val_metric < best_val - 1e-6:
-            best_val, best_epoch, bad, best_state = val_metric, epoch, 0, cpu_state_dict(model)
-            if run_dir is not None:
-                save_checkpoint(run_dir / "best.pt", checkpoint_state(model, cfg, epoch, val_metric))
-        else:
-            bad += 1
-        record["best_val"] = best_val
-        if log is not None:
-            log.append(record)
-        if bad >= cfg.patience:
-            break
-    assert best_state is not None
-    model.load_state_dict(best_state)
-    return model, {"best_epoch": best_epoch, "best_val": best_val}
+    return fit_on_metric(cfg, model, train, val, run_dir, device, _train_epoch, predict_map_items, checkpoint_state)
 
 
 def train_fold(cfg: ConvLSTMSeqConfig, fold: int) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,17 @@ def fit(cfg: SeqConfig, train: list[StudySeq], val: list[StudySeq], run_dir: Pat
     device = device or resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model = build_model(train, cfg).to(device)
+    return fit_on_metric(cfg, model, train, val, run_dir, device, _train_epoch, predict_items, checkpoint_state)
+
+
+def fit_on_metric(cfg: Any, model: nn.Module, train: list[Any], val: list[Any], run_dir: Path | None,
+                  device: torch.device, train_epoch: Callable[..., float],
+                  predict: Callable[..., tuple[list[np.ndarray], np.ndarray]],
+                  ckpt_state: Callable[..., dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+    """The loop every stage-2 trainer shares (BiGRU/BiLSTM here, ConvLSTM in :mod:`pe.train.convlstm`):
+    AdamW, warm-up + cosine per batch, the competition metric on ``val`` after every epoch, ``best.pt``
+    on a new best, early stop after ``cfg.patience`` epochs without one, ``metrics.jsonl``. The
+    callables are the model kind's epoch, prediction (logits per study) and checkpoint contents."""
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay, decay_1d=True)
     steps = math.ceil(len(train) / cfg.batch_size)
     warm = max(1, cfg.warmup_epochs * steps)
@@ -245,17 +257,16 @@ def fit(cfg: SeqConfig, train: list[StudySeq], val: list[StudySeq], run_dir: Pat
         log.start()  # a rerun of the fold starts a fresh log
     for epoch in range(cfg.epochs):
         t0 = time.time()
-        train_loss = _train_epoch(model, train, cfg, rng.permutation(len(train)), opt, sched, device,
-                                  f"{cfg.name} ep{epoch}")
-        il, el = predict_items(model, val, cfg, device)
-        val_metric = metric_from_logits(val, il, el)
+        train_loss = train_epoch(model, train, cfg, rng.permutation(len(train)), opt, sched, device,
+                                 f"{cfg.name} ep{epoch}")
+        val_metric = metric_from_logits(val, *predict(model, val, cfg, device))
         record = {"epoch": epoch, "train_loss": train_loss, "val_metric": val_metric,
                   "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 3)}
         if val_metric < best_val - 1e-6:
             best_val, best_epoch, bad = val_metric, epoch, 0
             best_state = cpu_state_dict(model)
             if run_dir is not None:
-                save_checkpoint(run_dir / "best.pt", checkpoint_state(model, cfg, epoch, val_metric))
+                save_checkpoint(run_dir / "best.pt", ckpt_state(model, cfg, epoch, val_metric))
         else:
             bad += 1
         record["best_val"] = best_val
