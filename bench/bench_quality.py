@@ -63,8 +63,10 @@ REPO = paths.REPO_ROOT
 PY = sys.executable
 WORKERS = str(min(8, os.cpu_count() or 1))  # processes of stages 00-02
 # Sizes: (train studies, test studies, min slices, max slices, px, positive rate). Default: see --help.
-DEFAULT = dict(train_studies=180, test_studies=60, min_slices=30, max_slices=60, size=512, positive_rate=0.5)
-TINY = dict(train_studies=12, test_studies=6, min_slices=8, max_slices=12, size=128, positive_rate=0.6)
+DEFAULT = dict(train_studies=180, test_studies=60, min_slices=30, max_slices=60, size=512, positive_rate=0.5,
+               embolus_scale=0.6)
+TINY = dict(train_studies=12, test_studies=6, min_slices=8, max_slices=12, size=128, positive_rate=0.6,
+            embolus_scale=1.0)
 TINY_CNN = ["epochs=1", "img_size=64", "batch_size=16", "threads=1"]
 TINY_SEQ = ["epochs=2", "hidden=16", "attn_dim=8"]
 # Relative cost of each stage kind, for the progress bar's time-left estimate (measured shares).
@@ -152,7 +154,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--holdout", type=float, default=0.25, help="held-out share of train/ when needed")
     ap.add_argument("--variants", nargs="*", default=[], help="names in src/configs/bench/ besides baseline")
     ap.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 of every variant (paired)")
-    ap.add_argument("--folds", type=int, default=3, help="K folds of the training part")
+    ap.add_argument("--folds", type=int, default=2, help="K folds of the training part")
     ap.add_argument("--out", type=Path, help="output folder (default reports/bench-quality/<date-time>)")
     ap.add_argument("--work-root", type=Path, default=REPO / "work" / "bench-quality",
                     help="cache of stage 01/02 outputs per data fingerprint")
@@ -194,7 +196,8 @@ def phantom_stage(args: argparse.Namespace) -> Stage:
     cmd = [PY, "src/00_make_phantom.py", "--out", str(out), "--train-studies", str(s["train_studies"]),
            "--test-studies", str(s["test_studies"]), "--seed", "2024", "--size", str(s["size"]),
            "--min-slices", str(s["min_slices"]), "--max-slices", str(s["max_slices"]),
-           "--positive-rate", str(s["positive_rate"]), "--workers", WORKERS]
+           "--positive-rate", str(s["positive_rate"]), "--embolus-scale", str(s["embolus_scale"]),
+           "--workers", WORKERS]
     key = bm.fingerprint_text(" ".join(cmd[3:-2]))  # same bytes whatever --workers
     return Stage("00_make_phantom", cmd, None, "00", done=out / f".bench-{key}")
 

@@ -36,12 +36,15 @@ def main(argv: list[str] | None = None) -> int:
                          "(never in test; 0 = none, byte-identical output)")
     ap.add_argument("--shortcut-kind", choices=SHORTCUT_KINDS, default="marker",
                     help="marker: bright disc in the chest wall; stripes: striped disc there")
+    ap.add_argument("--embolus-scale", type=float, default=1.0,
+                    help="shrink every PE embolus (defect radius and run of slices) for a harder phantom; "
+                         "1 = none, byte-identical output")
     args = ap.parse_args(argv)
     t0 = time.time()
     make_phantom(args.out, train_studies=args.train_studies, test_studies=args.test_studies, seed=args.seed,
                  size=args.size, min_slices=args.min_slices, max_slices=args.max_slices, workers=args.workers,
                  uid_style=args.uid_style, positive_rate=args.positive_rate,
-                 shortcut_rate=args.shortcut_rate, shortcut_kind=args.shortcut_kind)
+                 shortcut_rate=args.shortcut_rate, shortcut_kind=args.shortcut_kind, embolus_scale=args.embolus_scale)
     print(f"phantom written to {args.out} in {time.time() - t0:.1f} s")
     return 0
 

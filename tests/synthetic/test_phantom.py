@@ -267,6 +267,30 @@ def test_positive_rate_enriches_positive_exams() -> None:
         phantom.plan_split("train", 10, 2, 64, 8, 10, positive_rate=1.0)
 
 
+def test_embolus_scale_shrinks_emboli_and_changes_nothing_else() -> None:
+    """--embolus-scale (the benchmark's harder phantom): the same studies, labels and vessels; every
+    PE embolus keeps the middle of its run of slices (at least one) and a defect scaled down; the
+    study's positive slices shrink accordingly, so the per-image labels stay the truth."""
+    ref = phantom.plan_split("train", 30, 4, 256, 20, 40, positive_rate=0.6)
+    hard = phantom.plan_split("train", 30, 4, 256, 20, 40, positive_rate=0.6, embolus_scale=0.5)
+    assert [p.study for p in ref] == [p.study for p in hard]
+    shrunk = 0
+    for a, b in zip(ref, hard, strict=True):
+        assert a.labels == b.labels and a.n == b.n and len(a.tubes) == len(b.tubes)
+        assert len(a.emboli) == len(b.emboli)
+        for ea, eb in zip(a.emboli, b.emboli, strict=True):
+            if ea.style == "aortic":
+                assert eb.slices == ea.slices and eb.frac == ea.frac
+                continue
+            assert eb.frac == pytest.approx(0.5 * ea.frac)
+            assert len(eb.slices) == max(1, round(0.5 * len(ea.slices)))
+            assert set(eb.slices) <= set(ea.slices)
+            shrunk += len(eb.slices) < len(ea.slices)
+        assert b.positive_slices() <= a.positive_slices()
+        assert bool(b.positive_slices()) == bool(a.positive_slices())
+    assert shrunk >= 5
+
+
 def test_emboli_are_dark_defects_inside_bright_arteries() -> None:
     """Every label's visual cause: removing the emboli changes a slice only inside its boxes, where
     contrast-filled artery (> 200 HU) becomes soft tissue (< 100 HU)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -327,6 +327,18 @@ def paired_difference(a: Sequence[Stat], b: Sequence[Stat]) -> Stat:
     if len(a) != len(b):
         raise ValueError(f"paired difference needs the same seeds on both sides, got {len(a)} and {len(b)}")
     return lambda w: float(np.mean([x(w) - y(w) for x, y in zip(a, b, strict=True)]))
+
+
+def ranked_by(scored: StudyParts, beliefs: StudyParts) -> StudyParts:
+    """The metric's parts of ``scored`` (the submission after the consistency repair) with the ranking
+    figures (AUCs) taken from ``beliefs`` (the same predictions before the repair). The repair moves
+    every value it changes to exactly the 0.5 boundary, which ties all the studies it moves: on a weak
+    model that collapses the study ranking (every exam PE at 0.5, AUC 0.5) although the model's
+    beliefs still order the studies. AUCs measure ranking, so they read the beliefs; the metric reads
+    what would be submitted."""
+    if scored.num.shape != beliefs.num.shape or not np.array_equal(scored.image_study, beliefs.image_study):
+        raise ValueError("ranked_by needs two prediction sets aligned to the same scorer")
+    return replace(scored, image_prob=beliefs.image_prob, exam_prob=beliefs.exam_prob, extra={})
 
 
 def figure_stat(parts: StudyParts, key: str) -> Stat:

@@ -19,6 +19,7 @@ from pe.data.tables import read_truth
 from pe.eval import benchmark as bm
 from pe.eval import metric, submission
 from pe.eval.baselines import max_aggregation_predictions, prior_predictions
+from pe.eval.hierarchy import repair_long
 from pe.io import write_json_atomic, write_text_atomic
 from pe.rspect import SOP, STUDY
 
@@ -103,15 +104,26 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> bm.Stat:
     return lambda w: float(w @ num / (w @ den)) if w @ den > 0 else float("nan")
 
 
-def cnn_figures(run: Path, data: Path, scorer: metric.Scorer, train_truth: pd.DataFrame, args: Any,
-                runner: Any) -> dict[str, Any]:
-    """Per CNN run: the fold-averaged slice probabilities, the max-aggregation baseline's parts and
-    the pointing game's per-study counts."""
+def scored_and_ranked(scorer: metric.Scorer, beliefs: pd.DataFrame, submitted: pd.DataFrame | None,
+                      ids: pd.DataFrame) -> bm.StudyParts:
+    """Parts of one prediction set: the metric from ``submitted`` (the repaired submission; None:
+    repair ``beliefs`` here, as 08_make_submission does) and the AUCs from ``beliefs``, the
+    predictions before the hierarchy repair (:func:`pe.eval.benchmark.ranked_by` says why)."""
+    if submitted is None:
+        submitted, _ = repair_long(beliefs, ids)
+    return bm.ranked_by(bm.study_parts(scorer, submitted), bm.study_parts(scorer, beliefs))
+
+
+def cnn_figures(run: Path, data: Path, scorer: metric.Scorer, train_truth: pd.DataFrame, ids: pd.DataFrame,
+                args: Any, runner: Any) -> dict[str, Any]:
+    """Per CNN run: the fold-averaged slice probabilities, the max-aggregation baseline's parts
+    (metric after the same hierarchy repair as every variant's submission, AUCs before it) and the
+    pointing game's per-study counts."""
     idx = bm.fold_average(sorted((run / "work" / "embeddings" / "cnn").glob("fold*/test/index.parquet")))
     probs = idx.set_index(SOP)["prob"].reindex(scorer.image_ids.astype(str)).to_numpy(np.float64)
     if np.isnan(probs).any():
         raise bm.BenchError(f"{run}: the CNN's test embeddings miss {int(np.isnan(probs).sum())} held-out slices")
-    maxagg = bm.study_parts(scorer, max_aggregation_predictions(idx, train_truth))
+    maxagg = scored_and_ranked(scorer, max_aggregation_predictions(idx, train_truth), None, ids)
     point = runner.timed(f"{run.name}/explain", "explain", pointing_per_study, run, data, scorer, probs,
                          args.folds, args.max_pointing, 0)
     return {"probs": probs, "maxagg": maxagg, "pointing": point,
@@ -129,8 +141,9 @@ def evaluate(args: Any, variants: Sequence[bm.Variant], seeds: Sequence[int], ru
     train_truth = read_truth(data / "train.csv")
     scorer = metric.Scorer(truth)
     n, nb = scorer.n_studies, args.n_boot
-    cnn = {run: cnn_figures(run, data, scorer, train_truth, args, runner) for run in sorted(set(runs.values()))}
-    prior = bm.study_parts(scorer, prior_predictions(train_truth, truth[[STUDY, SOP]]))
+    ids = truth[[STUDY, SOP]]
+    cnn = {run: cnn_figures(run, data, scorer, train_truth, ids, args, runner) for run in sorted(set(runs.values()))}
+    prior = scored_and_ranked(scorer, prior_predictions(train_truth, ids), None, ids)
     res: dict[str, Any] = {"n_heldout_studies": n, "n_heldout_images": scorer.n_images,
                            "n_heldout_pe_studies": int((scorer.q > 0).sum()),
                            "n_train_studies": int(train_truth[STUDY].nunique()),
@@ -143,7 +156,8 @@ def evaluate(args: Any, variants: Sequence[bm.Variant], seeds: Sequence[int], ru
         per_seed, stats[v.name] = {}, {k: [] for k in FIGURE_KEYS}
         for seed in seeds:
             csv = args.out / "predictions" / f"{v.name}_seed{seed}.csv"
-            parts = bm.study_parts(scorer, submission.read_submission(csv))
+            raw = runs[(v.name, seed)] / "oof" / f"ens_{v.name}" / "test.csv"  # 08's input: before the repair
+            parts = scored_and_ranked(scorer, submission.read_submission(raw), submission.read_submission(csv), ids)
             c = cnn[runs[(v.name, seed)]]
             seed_stats = {k: bm.figure_stat(parts, k) for k in FIGURE_KEYS}
             seed_stats["maxagg_score"] = bm.figure_stat(c["maxagg"], "score")
@@ -155,6 +169,7 @@ def evaluate(args: Any, variants: Sequence[bm.Variant], seeds: Sequence[int], ru
             for k, s in seed_stats.items():
                 stats[v.name].setdefault(k, []).append(s)
             per_seed[seed] = {"predictions": str(csv.relative_to(args.out)), "run": str(runs[(v.name, seed)].name),
+                              "predictions_before_repair": str(raw),
                               "resolved_configs": resolved_configs(runs[(v.name, seed)], v),
                               "figures": _cis(seed_stats, n, nb),
                               "pointing_slices": None if c["pointing"] is None else int(c["pointing"]["n"].sum())}

@@ -160,7 +160,8 @@ def load_plans(phantom_dir: Path | str) -> dict[str, ph.StudyPlan]:
     try:
         plans = [pl for split, key in (("train", "train_studies"), ("test", "test_studies"))
                  for pl in ph.plan_split(split, p[key], p["seed"], p["size"], p["min_slices"], p["max_slices"],
-                                         p.get("uid_style", "kaggle"), p.get("positive_rate", ph.P_POSITIVE))]
+                                         p.get("uid_style", "kaggle"), p.get("positive_rate", ph.P_POSITIVE),
+                                         p.get("embolus_scale", 1.0))]
     except KeyError as e:
         raise ValueError(f"{marker}: missing phantom parameter {e}") from e
     return {pl.study: pl for pl in plans}

@@ -335,12 +335,15 @@ def _prepare_out(out: Path, params: dict) -> None:
 def make_phantom(out: Path | str, train_studies: int, test_studies: int, seed: int, size: int = 512,
                  min_slices: int = 40, max_slices: int = 100, workers: int = 1, uid_style: str = "kaggle",
                  compress: bool = True, positive_rate: float = P_POSITIVE, shortcut_rate: float = 0.0,
-                 shortcut_kind: str = "marker") -> None:
+                 shortcut_kind: str = "marker", embolus_scale: float = 1.0) -> None:
     """Write a synthetic RSPECT look-alike to ``out`` (layout of CONTRACTS.md row 00).
 
     ``shortcut_rate`` > 0 plants a shortcut (``shortcut_kind``: see :func:`_draw_shortcut`) on that share
     of the PE-positive slices of the train split, never in test, and lists them in SHORTCUT_FILE; 0
     (the default) leaves every output byte-identical to a phantom made without the option.
+
+    ``embolus_scale`` in (0, 1] shrinks every PE embolus (defect radius and run of slices; see
+    ``phantom_plan._plan_emboli``) for a harder phantom; 1 (the default) changes no byte.
 
     ``uid_style``: ``kaggle`` (12-hex ids like the real data) or ``dicom`` (2.25.* UIDs).
     ``compress=False`` writes every file uncompressed with otherwise identical content (tests use it
@@ -352,13 +355,18 @@ def make_phantom(out: Path | str, train_studies: int, test_studies: int, seed: i
     if not 0.0 <= shortcut_rate <= 1.0 or shortcut_kind not in SHORTCUT_KINDS:
         raise ValueError(f"shortcut_rate must be in [0, 1] and shortcut_kind one of {SHORTCUT_KINDS}, "
                          f"got {shortcut_rate}, {shortcut_kind!r}")
-    shortcut = dict(shortcut_rate=shortcut_rate, shortcut_kind=shortcut_kind) if shortcut_rate > 0 else {}
+    if not 0.0 < embolus_scale <= 1.0:
+        raise ValueError(f"embolus_scale must be in (0, 1], got {embolus_scale}")
+    # options recorded in the marker only when used, so a phantom made without them keeps its bytes
+    options: dict = dict(shortcut_rate=shortcut_rate, shortcut_kind=shortcut_kind) if shortcut_rate > 0 else {}
+    if embolus_scale != 1.0:
+        options["embolus_scale"] = embolus_scale
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _prepare_out(out, dict(train_studies=train_studies, test_studies=test_studies, seed=seed, size=size,
                            min_slices=min_slices, max_slices=max_slices, uid_style=uid_style, compress=compress,
-                           positive_rate=positive_rate, **shortcut))
-    plans = {s: plan_split(s, n, seed, size, min_slices, max_slices, uid_style, positive_rate)
+                           positive_rate=positive_rate, **options))
+    plans = {s: plan_split(s, n, seed, size, min_slices, max_slices, uid_style, positive_rate, embolus_scale)
              for s, n in (("train", train_studies), ("test", test_studies))}
     for p in plans["train"]:
         p.shortcut_rate, p.shortcut_kind = shortcut_rate, shortcut_kind

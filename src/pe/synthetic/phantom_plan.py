@@ -271,8 +271,12 @@ def _host_slices(plan: StudyPlan, tube: Tube) -> list[int]:
     return [k for k in range(plan.n) if tube.t0 <= plan.t[k] <= tube.t1]
 
 
-def _plan_emboli(plan: StudyPlan, rng: np.random.Generator, sides: dict[str, bool], chronicity: str) -> None:
-    """Place emboli so that the location flags hold, each on >= 1 slice of its host vessel."""
+def _plan_emboli(plan: StudyPlan, rng: np.random.Generator, sides: dict[str, bool], chronicity: str,
+                 embolus_scale: float = 1.0) -> None:
+    """Place emboli so that the location flags hold, each on >= 1 slice of its host vessel.
+    ``embolus_scale`` < 1 makes every PE embolus smaller (defect radius x scale) and shorter (its run
+    of slices cut to round(run x scale) >= 1 around its middle), after all random draws, so the random
+    stream and every other part of the study are those of scale 1."""
     by_level: dict[tuple[str, str], list[int]] = {}
     for i, tb in enumerate(plan.tubes):
         by_level.setdefault((tb.side, tb.level), []).append(i)
@@ -315,6 +319,12 @@ def _plan_emboli(plan: StudyPlan, rng: np.random.Generator, sides: dict[str, boo
         e.frac = float(rng.uniform(0.35, 0.55) if chronic else rng.uniform(0.5, 0.8))
         e.calcified = bool(chronic and rng.random() < 0.5)
         e.hu = float(rng.uniform(65, 90) if chronic else rng.uniform(20, 55))
+    if embolus_scale != 1.0:
+        for e in emboli:
+            e.frac *= embolus_scale
+            keep = max(1, round(len(e.slices) * embolus_scale))
+            cut = (len(e.slices) - keep) // 2
+            e.slices = e.slices[cut:cut + keep]
     plan.emboli = emboli
 
 
@@ -327,7 +337,8 @@ def _pick(rng: np.random.Generator, pool: list[int], k: int) -> set[int]:
 
 
 def plan_split(split: str, n_studies: int, seed: int, size: int, min_slices: int, max_slices: int,
-               uid_style: str = "kaggle", positive_rate: float = P_POSITIVE) -> list[StudyPlan]:
+               uid_style: str = "kaggle", positive_rate: float = P_POSITIVE,
+               embolus_scale: float = 1.0) -> list[StudyPlan]:
     """Plan every study of a split. Exam types and sub-labels are assigned by quota (stratified), so
     even a 40-study split has about RSPECT's prevalences and at least a few positive exams.
     ``positive_rate`` (default RSPECT's 0.32) enriches positive exams, e.g. for learning tests."""
@@ -356,7 +367,7 @@ def plan_split(split: str, n_studies: int, seed: int, size: int, min_slices: int
             sides["right" if srng.random() < 0.55 else "left"] = True
         chronicity = "chronic" if i in chronic else "acute_and_chronic" if i in mixed else "acute"
         plans.append(_plan_study(split, i, seed, size, min_slices, max_slices, uid_style, srng, kinds[i],
-                                 sides, chronicity, i in rv))
+                                 sides, chronicity, i in rv, embolus_scale))
     _assign_syntaxes(plans, np.random.default_rng([seed, split_code, 10_001]))
     ids = [p.study for p in plans] + [p.series for p in plans] + [s for p in plans for s in p.sops]
     if len(set(ids)) != len(ids):  # 48-bit hashes: practically never, but never silently
@@ -412,7 +423,7 @@ def _instance_numbers(order: str, n: int, rng: np.random.Generator) -> list[int]
 
 def _plan_study(split: str, i: int, seed: int, size: int, min_slices: int, max_slices: int, uid_style: str,
                 rng: np.random.Generator, kind: str, sides: dict[str, bool], chronicity: str,
-                rv_enlarged: bool) -> StudyPlan:
+                rv_enlarged: bool, embolus_scale: float = 1.0) -> StudyPlan:
     n = int(rng.integers(min_slices, max_slices + 1))
     study = make_uid(seed, uid_style, split, i, "study")
     series = make_uid(seed, uid_style, split, i, "series")
@@ -450,7 +461,7 @@ def _plan_study(split: str, i: int, seed: int, size: int, min_slices: int, max_s
         motion=motion, flow_artifact=bool(kind != "indeterminate" and rng.random() < 0.06), exam_kind=kind)
     plan.tubes = _plan_vessels(plan, rng)
     if kind == "positive":
-        _plan_emboli(plan, rng, sides, chronicity)
+        _plan_emboli(plan, rng, sides, chronicity, embolus_scale)
     elif kind == "negative" and rng.random() < 0.04:
         ti = next(j for j, tb in enumerate(plan.tubes) if tb.name == "aorta_desc")
         host = _host_slices(plan, plan.tubes[ti])
