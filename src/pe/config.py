@@ -147,6 +147,12 @@ class CNNConfig:
     drop_path_rate: float = 0.1
     exam_heads: bool = False
     global_pool: str = "avg"  # timm pooling of the last feature map: avg | max | avgmax
+    # landmark pretraining (papers/condrea2023; src/13_pretrain_landmarks.py): the backbone starts from
+    # work/models/<init_from>/backbone.pt (a pretrained_path resolved in the run's work folder)
+    init_from: str | None = None
+    # dual-hop model (papers/condrea2023 Fig. 5; pe.models.dual_hop): hop 1 = the frozen best.pt of
+    # experiment <hop1_exp> for the same fold; this experiment trains the aggregator and hop 2
+    hop1_exp: str | None = None
     # --- augmentation (applied to the channel-stacked array: identical on every stacked slice) ---
     aug: bool = True
     aug_hflip_p: float = 0.0

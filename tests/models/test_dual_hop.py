@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -56,3 +59,45 @@ def test_wrong_hop1_weights_are_refused() -> None:
     other = build_model(_cfg("test_efficientnet")).state_dict()
     with pytest.raises(RuntimeError):
         build_dual_hop(_cfg("test_resnet"), other)
+
+
+def test_stage04_trains_hop2_on_a_frozen_hop1_and_load_cnn_restores_both(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hop1_exp``: stage 04 builds the dual-hop model from the hop-1 experiment's best.pt of the same
+    fold, trains it with hop 1 unchanged, and its best.pt is one model to export and the kernel."""
+    from pe import paths
+    from pe.config import load_config
+    from pe.models.dual_hop import DualHop
+    from pe.models.slice_cnn import infer_study, load_cnn
+    from pe.synthetic.caches import write_synthetic_cache
+    from pe.train.cnn import train_fold
+
+    monkeypatch.setenv("PE_WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.setenv("PE_OOF_DIR", str(tmp_path / "oof"))
+    fake = write_synthetic_cache(tmp_path / "fake", n_studies=6, min_slices=8, max_slices=10, size=64, seed=1,
+                                 n_folds=2)
+    base = [f"cache_dir={fake['cache']}", f"meta_train={fake['meta']}", f"folds_path={fake['folds']}",
+            "img_size=32", "epochs=1", "batch_size=8", "threads=1", "num_workers=0", "progress=false",
+            "drop_path_rate=0", "ema=false"]
+    repo = Path(__file__).resolve().parents[2]
+
+    def cfg(*extra: str) -> CNNConfig:
+        return load_config(CNNConfig, repo / "src" / "configs" / "demo.yaml", [*base, *extra])
+
+    with pytest.raises(FileNotFoundError, match="hop1_exp"):
+        train_fold(cfg("name=hop2", "hop1_exp=hop1"), fold=0)
+    train_fold(cfg("name=hop1"), fold=0)
+    with pytest.raises(ValueError, match="same input"):
+        train_fold(cfg("name=hop2", "hop1_exp=hop1", "img_size=40"), fold=0)
+    run = train_fold(cfg("name=hop2", "hop1_exp=hop1"), fold=0)
+    hop1_state = torch.load(paths.run_dir("hop1", 0) / "best.pt", weights_only=True)["model"]
+    model, mcfg = load_cnn(run / "best.pt")
+    assert isinstance(model, DualHop) and mcfg.hop1_exp == "hop1"
+    for k, v in model.hop1.state_dict().items():  # hop 1 came through training unchanged
+        torch.testing.assert_close(v, hop1_state[k], rtol=0, atol=0, msg=k)
+    hop2_state = torch.load(run / "best.pt", weights_only=True)["model"]
+    assert any(not torch.equal(hop2_state[f"hop2.{k}"], v) for k, v in hop1_state.items()
+               if f"hop2.{k}" in hop2_state and hop2_state[f"hop2.{k}"].shape == v.shape)
+    images = np.random.default_rng(0).integers(0, 255, (5, 64, 64, 3), dtype=np.uint8)
+    probs, emb = infer_study(model, mcfg, images)
+    assert probs.shape == (5,) and emb.shape == (5, model.embedding_dim) and np.isfinite(probs).all()

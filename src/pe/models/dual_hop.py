@@ -23,9 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pe import paths
 from pe.config import CNNConfig
 from pe.data.slices import n_channels
 from pe.models.slice_cnn import SliceCNN, build_model, sampling_logit_offset
+from pe.train.core import load_checkpoint
 
 
 class UpBlock(nn.Module):
@@ -83,6 +85,15 @@ class DualHop(nn.Module):
         self.hop2 = hop2
         self.embedding_dim = hop2.embedding_dim
         self.gradcam_layer = hop2.gradcam_layer
+
+    @property
+    def backbone(self) -> nn.Module:
+        """Hop 2's encoder: the one whose features stage 2 and the explainers read."""
+        return self.hop2.backbone
+
+    @property
+    def logit_offset(self) -> torch.Tensor:
+        return self.hop2.logit_offset
         self.hop1.eval()
 
     def train(self, mode: bool = True) -> DualHop:
@@ -123,7 +134,8 @@ def build_dual_hop(cfg: CNNConfig, hop1_state: Mapping[str, torch.Tensor] | None
     """A dual-hop model of ``cfg.backbone``. ``hop1_state``: the trained slice CNN's state_dict
     (``checkpoint["model"]`` of stage 04, ``module.`` prefixes allowed); None leaves hop 1 random
     (tests only). Hop 2 starts from hop 1's weights unless ``init_hop2_from_hop1`` is False."""
-    cfg = replace(cfg, pretrained=False, pretrained_path=None)  # all weights come from hop1_state
+    # all weights come from hop1_state (hop 2 starts as hop 1, as in the paper)
+    cfg = replace(cfg, pretrained=False, pretrained_path=None, init_from=None)
     hop1 = build_model(cfg)
     state = None
     if hop1_state is not None:
@@ -143,3 +155,29 @@ def build_dual_hop(cfg: CNNConfig, hop1_state: Mapping[str, torch.Tensor] | None
         hop2.load_state_dict({k: v for k, v in state.items() if not k.startswith("backbone.")
                               and k in heads and v.shape == heads[k].shape}, strict=False)
     return DualHop(hop1.eval(), hop2, in_chans)
+
+
+HOP_INPUT_KEYS: tuple[str, ...] = ("backbone", "neighbors", "img_size", "crop_lung", "crop_mode", "crop_roi_slab")
+
+
+def build_training_model(cfg: CNNConfig, fold: int) -> nn.Module:
+    """The model stage 04 trains for ``cfg``: a :class:`SliceCNN`, or with ``cfg.hop1_exp`` a
+    :class:`DualHop` whose hop 1 is ``best.pt`` of experiment ``hop1_exp`` for the same ``fold`` (so
+    hop 1 never saw the fold's validation studies either). Both hops must see the same input."""
+    if not cfg.hop1_exp:
+        return build_model(cfg)
+    if cfg.hop1_exp == cfg.name:
+        raise ValueError(f"hop1_exp={cfg.hop1_exp!r} is this experiment's own name; give the hop-1 experiment")
+    p = paths.run_dir(cfg.hop1_exp, fold) / "best.pt"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: not found; hop1_exp={cfg.hop1_exp!r} needs src/04_train_cnn.py to have "
+                                f"trained that experiment for fold {fold} first")
+    ckpt = load_checkpoint(p, ("model", "config"), "hop-1 CNN checkpoint")
+    h = dict(ckpt["config"])
+    for key in HOP_INPUT_KEYS:
+        if h.get(key) != getattr(cfg, key):
+            raise ValueError(f"{p}: hop 1 has {key}={h.get(key)!r}, this experiment {getattr(cfg, key)!r}; "
+                             "the two hops must see the same input")
+    if cfg.hop1_exp and h.get("hop1_exp"):
+        raise ValueError(f"{p}: hop 1 is itself a dual-hop model; only two hops are supported")
+    return build_dual_hop(cfg, ckpt["model"])

@@ -17,6 +17,7 @@ import logging
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import timm
 import torch
 from torch import nn
 
+from pe import paths
 from pe.config import GLOBAL_POOLS, CNNConfig, from_dict
 from pe.data.slices import (
     crop_resize,
@@ -121,6 +123,10 @@ def build_model(cfg: CNNConfig) -> SliceCNN:
     in_chans = n_channels(cfg.neighbors)
     if cfg.global_pool not in GLOBAL_POOLS:  # catavgmax would double the embedding: not supported
         raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {cfg.global_pool!r}")
+    if cfg.init_from and cfg.pretrained_path:
+        raise ValueError("init_from and pretrained_path both set: give one source of backbone weights")
+    if cfg.init_from:
+        cfg = replace(cfg, pretrained_path=str(landmark_backbone_path(cfg.init_from)))
     use_timm_weights = cfg.pretrained and not cfg.pretrained_path
     try:
         backbone = timm.create_model(cfg.backbone, pretrained=use_timm_weights, in_chans=in_chans,
@@ -134,6 +140,15 @@ def build_model(cfg: CNNConfig) -> SliceCNN:
     return SliceCNN(backbone, dim, cfg.exam_heads, cfg.drop_rate, sampling_logit_offset(cfg))
 
 
+def landmark_backbone_path(exp: str) -> Path:
+    """``work/models/<exp>/backbone.pt``: the backbone weights 13_pretrain_landmarks.py wrote."""
+    p = paths.models_dir() / exp / "backbone.pt"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: not found; init_from={exp!r} needs src/13_pretrain_landmarks.py "
+                                f"--config ... name={exp} to have run in this work folder")
+    return p
+
+
 def sampling_logit_offset(cfg: CNNConfig) -> float:
     """log of the factor by which epoch sampling multiplies the odds of a positive slice."""
     if cfg.pos_oversample <= 0 or cfg.neg_per_epoch_frac <= 0:
@@ -143,8 +158,8 @@ def sampling_logit_offset(cfg: CNNConfig) -> float:
 
 def config_from_checkpoint(ckpt: dict[str, Any], source: str) -> CNNConfig:
     cfg = from_dict(CNNConfig, dict(ckpt["config"]), source)
-    # The checkpoint holds all weights: never fetch or read pretrained ones again.
-    cfg.pretrained, cfg.pretrained_path = False, None
+    # The checkpoint holds all weights (hop 1's too): never fetch or read pretrained ones again.
+    cfg.pretrained, cfg.pretrained_path, cfg.init_from = False, None, None
     return cfg
 
 
@@ -154,7 +169,12 @@ def load_cnn(checkpoint: Path, device: str = "cpu") -> tuple[nn.Module, CNNConfi
     p = Path(checkpoint)
     ckpt = load_checkpoint(p, ("model", "config"), "CNN checkpoint")
     cfg = config_from_checkpoint(ckpt, str(p))
-    model = build_model(cfg)
+    if cfg.hop1_exp:  # a dual-hop experiment is one model to export and the kernel: both hops inside
+        from pe.models.dual_hop import build_dual_hop
+
+        model = build_dual_hop(cfg, None, init_hop2_from_hop1=False)
+    else:
+        model = build_model(cfg)
     model.load_state_dict({re.sub(r"^module\.", "", k): v for k, v in ckpt["model"].items()})
     model = model.to(device)
     if cfg.channels_last:

@@ -51,7 +51,7 @@ from pe.data.slices import (
 from pe.distributed import DistEnv, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from pe.eval.metric import auc
 from pe.io import write_parquet_atomic
-from pe.models.slice_cnn import build_model
+from pe.models.dual_hop import build_training_model
 from pe.rspect import SOP, STUDY
 from pe.train.attention import capture_features
 from pe.train.core import (
@@ -253,7 +253,7 @@ class Trainer:
         """Model (channels_last on CUDA and CPU alike: oneDNN's NHWC kernels are faster here too),
         EMA, optimiser, schedule, AMP scaler and loss."""
         cfg = self.cfg
-        model = build_model(cfg).to(self.device)
+        model = build_training_model(cfg, self.fold).to(self.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.raw_model = model
