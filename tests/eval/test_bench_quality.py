@@ -149,7 +149,22 @@ def test_benchmark_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert len(pred) == len(test_ids) + len(EXAM_LABELS) * test_ids[STUDY].nunique()
         bd = metric.score_breakdown(pred, truth)
         assert seed0["figures"]["score"]["estimate"] == pytest.approx(bd["score"], rel=1e-9)
-        assert seed0["figures"]["image_auc"]["estimate"] == pytest.approx(bd["image_auc"], rel=1e-9)
+        # ranking figures read the predictions before the hierarchy repair (it ties what it moves)
+        raw = read_submission(seed0["predictions_before_repair"])
+        bd_raw = metric.score_breakdown(raw, truth)
+        assert seed0["figures"]["image_auc"]["estimate"] == pytest.approx(bd_raw["image_auc"], rel=1e-9)
+        if not math.isnan(bd_raw["study_pe_auc"]):
+            assert seed0["figures"]["study_pe_auc"]["estimate"] == pytest.approx(bd_raw["study_pe_auc"], rel=1e-9)
+        # study-level calls: stage 2 at P(PE) > 0.5 on the determinate studies, recomputed here
+        exam = raw[raw["id"].str.endswith("_negative_exam_for_pe")]
+        p_neg = dict(zip(exam["id"].str.removesuffix("_negative_exam_for_pe"), exam["label"], strict=True))
+        per_study = truth.groupby(STUDY).agg(pe=("pe_present_on_image", "max"), ind=("indeterminate", "max"))
+        det = per_study[per_study["ind"] < 0.5]
+        stats = metric.binary_stats(det["pe"].to_numpy(), np.array([p_neg[s] < 0.5 for s in det.index]))
+        got = seed0["figures"]["call:f1"]["estimate"]
+        assert (math.isnan(got) and math.isnan(stats["f1"])) or got == pytest.approx(stats["f1"], rel=1e-9)
+        assert seed0["voting_rule"] is not None and seed0["voting_rule"]["mu"] >= 1
+        assert "vote_call:f1" in seed0["figures"]
         lo, est, hi = (seed0["figures"]["score"][k] for k in ("low", "estimate", "high"))
         assert lo <= est <= hi
     d = r["paired"]["gru_only"]["score"]["estimate"]
@@ -157,3 +172,34 @@ def test_benchmark_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPat
                               - r["variants"]["baseline"]["mean"]["score"]["estimate"], abs=1e-12)
     assert r["stage_seconds"] and (out / "index.html").is_file() and (out / "labels.png").is_file()
     assert "metric" in (out / "table.txt").read_text()
+
+
+def test_ranking_figures_read_the_beliefs_and_the_metric_the_repaired_submission(calibrated) -> None:
+    """The repair moves values to the 0.5 boundary and ties every exam it moves; ``ranked_by`` keeps
+    the metric of the repaired set and the AUCs of the beliefs; call_stats matches binary_stats."""
+    from pe.eval.hierarchy import repair_long
+
+    truth, pred, scorer = calibrated
+    repaired, _ = repair_long(pred, truth[[STUDY, "SOPInstanceUID"]])
+    rep, raw = bm.study_parts(scorer, repaired), bm.study_parts(scorer, pred)
+    both = bm.ranked_by(rep, raw)
+    f, f_rep, f_raw = bm.figures(both), bm.figures(rep), bm.figures(raw)
+    assert f["score"] == f_rep["score"] != f_raw["score"]
+    assert f["study_pe_auc"] == f_raw["study_pe_auc"] and f["image_auc"] == f_raw["image_auc"]
+    assert f_rep["study_pe_auc"] != f_raw["study_pe_auc"]  # the repair's ties changed the ranking
+    first = truth[STUDY].iloc[0]
+    smaller = truth[truth[STUDY] != first]
+    keep = ~pred["id"].isin([*truth.loc[truth[STUDY] == first, "SOPInstanceUID"],
+                             *(f"{first}_{lab}" for lab in EXAM_LABELS)])
+    with pytest.raises(ValueError, match="aligned"):
+        bm.ranked_by(rep, bm.study_parts(metric.Scorer(smaller), pred[keep]))
+    y, det = bm.study_truth(raw)
+    called = raw.exam_prob[:, EXAM_LABELS.index("negative_exam_for_pe")] < 0.5
+    ref = metric.binary_stats(y[det], called[det])
+    w = np.ones(raw.n)
+    for k, st in bm.call_stats(raw, called).items():
+        assert st(w) == pytest.approx(ref[k], rel=1e-12), k
+    w2 = np.zeros(raw.n)
+    w2[:10] = 2.0  # a resample: studies counted with multiplicity
+    sub = metric.binary_stats(np.repeat(y[:10][det[:10]], 2), np.repeat(called[:10][det[:10]], 2))
+    assert bm.call_stats(raw, called)["f1"](w2) == pytest.approx(sub["f1"], nan_ok=True)

@@ -341,6 +341,38 @@ def ranked_by(scored: StudyParts, beliefs: StudyParts) -> StudyParts:
     return replace(scored, image_prob=beliefs.image_prob, exam_prob=beliefs.exam_prob, extra={})
 
 
+CALL_KEYS: tuple[str, ...] = ("sensitivity", "specificity", "ppv", "npv", "f1")
+
+
+def study_truth(parts: StudyParts) -> tuple[np.ndarray, np.ndarray]:
+    """(has a positive image, determinate) per held-out study: the study-level PE truth, and the
+    studies it is defined on (indeterminate ones left out, as in ``study_pe_auc``)."""
+    has_pe = np.bincount(parts.image_study, weights=parts.image_truth, minlength=parts.n) > 0
+    return has_pe, parts.exam_truth[:, _IND] < 0.5
+
+
+def call_stats(parts: StudyParts, called: np.ndarray) -> dict[str, Stat]:
+    """Study-level sensitivity, specificity, PPV, NPV and F1 of a yes/no PE call per held-out study
+    (papers/condrea2023 Tables; the voting head's figures), as bootstrap statistics over studies."""
+    y, det = study_truth(parts)
+    c = np.asarray(called, dtype=bool)
+    if c.shape != y.shape:
+        raise ValueError(f"need one call per held-out study ({len(y)}), got {c.shape}")
+    cells = {k: (det & m).astype(np.float64) for k, m in
+             {"tp": y & c, "fp": ~y & c, "fn": y & ~c, "tn": ~y & ~c}.items()}
+
+    def ratio(num: Sequence[str], den: Sequence[str], scale: float = 1.0) -> Stat:
+        def f(w: np.ndarray) -> float:
+            a = sum(float(w @ cells[k]) for k in num) * scale
+            b = sum(float(w @ cells[k]) for k in den)
+            return a / b if b > 0 else float("nan")
+        return f
+
+    return {"sensitivity": ratio(["tp"], ["tp", "fn"]), "specificity": ratio(["tn"], ["tn", "fp"]),
+            "ppv": ratio(["tp"], ["tp", "fp"]), "npv": ratio(["tn"], ["tn", "fn"]),
+            "f1": ratio(["tp"], ["tp", "tp", "fp", "fn"], 2.0)}
+
+
 def figure_stat(parts: StudyParts, key: str) -> Stat:
     """``w -> figures(parts, w)[key]`` without computing the other figures (AUCs are the slow part)."""
     if key == "score":

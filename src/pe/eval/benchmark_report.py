@@ -20,6 +20,7 @@ from pe.eval import benchmark as bm
 from pe.eval import metric, submission
 from pe.eval.baselines import max_aggregation_predictions, prior_predictions
 from pe.eval.hierarchy import repair_long
+from pe.eval.voting import fit_voting, probs_by_study
 from pe.io import write_json_atomic, write_text_atomic
 from pe.rspect import SOP, STUDY
 
@@ -114,6 +115,24 @@ def scored_and_ranked(scorer: metric.Scorer, beliefs: pd.DataFrame, submitted: p
     return bm.ranked_by(bm.study_parts(scorer, submitted), bm.study_parts(scorer, beliefs))
 
 
+def voting_calls(run: Path, train_truth: pd.DataFrame, heldout: pd.DataFrame, scorer: metric.Scorer
+                 ) -> dict[str, Any] | None:
+    """The voting study head (pe.eval.voting; papers/condrea2023 eqs. 1-2): (mu, delta) fitted for F1
+    on the CNN's out-of-fold slice probabilities of the training studies, applied to the held-out
+    studies' fold-averaged probabilities. None when the OOF files are missing."""
+    files = sorted((run / "oof" / "cnn").glob("cnn_fold*.parquet"))
+    if not files:
+        return None
+    oof = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    pe_study = train_truth.groupby(STUDY)["pe_present_on_image"].max()
+    labels = {str(s): int(v > 0.5) for s, v in pe_study.items()}
+    probs = probs_by_study(oof)
+    rule = fit_voting({s: p for s, p in probs.items() if s in labels}, labels)
+    calls = rule.predict(probs_by_study(heldout))
+    called = np.array([bool(calls.get(str(s), 0)) for s in scorer.study_ids])
+    return {"mu": rule.mu, "delta": rule.delta, "train_f1": rule.f1, "called": called}
+
+
 def cnn_figures(run: Path, data: Path, scorer: metric.Scorer, train_truth: pd.DataFrame, ids: pd.DataFrame,
                 args: Any, runner: Any) -> dict[str, Any]:
     """Per CNN run: the fold-averaged slice probabilities, the max-aggregation baseline's parts
@@ -124,9 +143,12 @@ def cnn_figures(run: Path, data: Path, scorer: metric.Scorer, train_truth: pd.Da
     if np.isnan(probs).any():
         raise bm.BenchError(f"{run}: the CNN's test embeddings miss {int(np.isnan(probs).sum())} held-out slices")
     maxagg = scored_and_ranked(scorer, max_aggregation_predictions(idx, train_truth), None, ids)
+    vote = voting_calls(run, train_truth, idx, scorer)
+    top = idx.groupby(STUDY)["prob"].max()
+    maxagg_called = top.reindex(pd.Index(scorer.study_ids).astype(str)).fillna(0).to_numpy() > 0.5
     point = runner.timed(f"{run.name}/explain", "explain", pointing_per_study, run, data, scorer, probs,
                          args.folds, args.max_pointing, 0)
-    return {"probs": probs, "maxagg": maxagg, "pointing": point,
+    return {"probs": probs, "maxagg": maxagg, "pointing": point, "vote": vote, "maxagg_called": maxagg_called,
             "slice_auc": bm.slice_auc_stat(scorer.image_study, scorer.image_truth, probs)}
 
 
@@ -163,6 +185,15 @@ def evaluate(args: Any, variants: Sequence[bm.Variant], seeds: Sequence[int], ru
             seed_stats["maxagg_score"] = bm.figure_stat(c["maxagg"], "score")
             seed_stats["maxagg_study_pe_auc"] = bm.figure_stat(c["maxagg"], "study_pe_auc")
             seed_stats["cnn_slice_auc"] = c["slice_auc"]
+            # study-level yes/no calls (determinate studies): stage 2 at P(PE) > 0.5 (its beliefs),
+            # CNN max-aggregation at max slice probability > 0.5, the voting head (issue 16, item 4)
+            calls = {"call": parts.exam_prob[:, bm.EXAM_LABELS.index("negative_exam_for_pe")] < 0.5,
+                     "maxagg_call": c["maxagg_called"]}
+            if c["vote"] is not None:
+                calls["vote_call"] = c["vote"]["called"]
+            for prefix, called in calls.items():
+                for k, st in bm.call_stats(parts, called).items():
+                    seed_stats[f"{prefix}:{k}"] = st
             if c["pointing"] is not None:
                 seed_stats["pointing"] = _ratio(c["pointing"]["hits"], c["pointing"]["n"])
                 seed_stats["pointing_chance"] = _ratio(c["pointing"]["chance"], c["pointing"]["n"])
@@ -170,6 +201,8 @@ def evaluate(args: Any, variants: Sequence[bm.Variant], seeds: Sequence[int], ru
                 stats[v.name].setdefault(k, []).append(s)
             per_seed[seed] = {"predictions": str(csv.relative_to(args.out)), "run": str(runs[(v.name, seed)].name),
                               "predictions_before_repair": str(raw),
+                              "voting_rule": None if c["vote"] is None else
+                              {k: c["vote"][k] for k in ("mu", "delta", "train_f1")},
                               "resolved_configs": resolved_configs(runs[(v.name, seed)], v),
                               "figures": _cis(seed_stats, n, nb),
                               "pointing_slices": None if c["pointing"] is None else int(c["pointing"]["n"].sum())}
@@ -235,10 +268,36 @@ def format_table(r: Mapping[str, Any]) -> str:
         lines.append(f"  {name} - max-agg: metric {fmt_ci(d['score'])}, study PE AUC {fmt_ci(d['study_pe_auc'])}")
     for name, d in r["paired"].items():
         lines.append(f"  {name} - baseline: " + ", ".join(f"{k} {fmt_ci(d[k])}" for k in MAIN_KEYS))
+    lines += _call_lines(r, by_cnn, w)
     sp = r["variants"]["baseline"]["seed_spread"]
     lines.append("seed spread of the baseline (sd over seeds, range): "
                  + ", ".join(f"{k} {fmt_num(sp[k]['sd'])} / {fmt_num(sp[k]['range'])}" for k in MAIN_KEYS))
     return "\n".join(lines)
+
+
+def _call_lines(r: Mapping[str, Any], by_cnn: Mapping[tuple[str, ...], list[str]], w: int) -> list[str]:
+    """Study-level yes/no calls on the determinate held-out studies (mean over seeds): each stage 2 at
+    P(PE) > 0.5, and per CNN its max-aggregation (> 0.5) and the voting head (mu, delta fitted on the
+    training studies' out-of-fold slices)."""
+    def row(label: str, m: Mapping[str, Any], prefix: str) -> str | None:
+        if f"{prefix}:f1" not in m:
+            return None
+        cells = "".join(f"{fmt_num(m[f'{prefix}:{k}']['estimate'], 3):<8}" for k in bm.CALL_KEYS[:-1])
+        return f"  {label:<{w + 18}}{cells}{fmt_ci(m[f'{prefix}:f1'], 3)}"
+
+    w = max(w, 14)
+    out = ["", "study-level calls (determinate held-out studies; mean over seeds):",
+           f"  {'':<{w + 18}}{'sens':<8}{'spec':<8}{'PPV':<8}{'NPV':<8}F1 [95 % interval]"]
+    for name, v in r["variants"].items():
+        out.append(row(f"{name} (stage 2, P > 0.5)", v["mean"], "call"))
+    for names in by_cnn.values():
+        v = r["variants"][names[0]]
+        out.append(row(f"max-agg > 0.5 (CNN of {names[0]})", v["mean"], "maxagg_call"))
+        rules = [d.get("voting_rule") for d in v["seeds"].values()]
+        if rules and all(rules):
+            desc = ", ".join(f"mu {x['mu']} delta {x['delta']:.2f}" for x in rules)
+            out.append(row(f"voting ({desc})", v["mean"], "vote_call"))
+    return [ln for ln in out if ln is not None]
 
 
 def _exam_auc_lines(r: Mapping[str, Any], w: int) -> list[str]:
