@@ -70,7 +70,7 @@ TINY = dict(train_studies=12, test_studies=6, min_slices=8, max_slices=12, size=
 TINY_CNN = ["epochs=1", "img_size=64", "batch_size=16", "threads=1"]
 TINY_SEQ = ["epochs=2", "hidden=16", "attn_dim=8"]
 # Relative cost of each stage kind, for the progress bar's time-left estimate (measured shares).
-COST = {"00": 12.0, "01": 1.0, "02": 2.0, "03": 0.2, "04": 20.0, "05": 4.0, "06": 0.8, "07": 0.3, "08": 0.3,
+COST = {"00": 12.0, "01": 1.0, "02": 2.0, "03": 0.2, "04": 20.0, "13": 6.0, "05": 4.0, "06": 0.8, "07": 0.3, "08": 0.3,
         "explain": 1.0}
 
 
@@ -240,6 +240,16 @@ def cnn_stages(v: bm.Variant, args: argparse.Namespace, seed: int, run: Path, en
     st = [Stage(f"{run.name}/03_make_folds", [PY, "src/03_make_folds.py", "--meta", str(run / "work/meta/train.parquet"),
                                               "--out", str(run / "work/folds.csv"), "--n-folds", str(args.folds),
                                               "--seed", str(42 + seed)], env, "03")]
+    for b in v.before:  # runs the CNN builds on (hop 1 of a dual-hop model, landmark pretraining)
+        over = [*b.spec.overrides, *args.cnn_override, f"name={b.name}", f"seed={bm.config_seed(b.spec) + seed}",
+                "progress=false"]
+        if b.script == "13":
+            st.append(Stage(f"{run.name}/13_pretrain_landmarks:{b.name}",
+                            [PY, bm.PRE_SCRIPTS["13"], "--config", b.spec.config, *over], env, "13"))
+        else:
+            st += [Stage(f"{run.name}/04_train_cnn:{b.name}:fold{k}",
+                         [PY, bm.PRE_SCRIPTS["04"], "--config", b.spec.config, "--fold", str(k), *over], env, "04")
+                   for k in range(args.folds)]
     st += [Stage(f"{run.name}/04_train_cnn:fold{k}", [PY, "src/04_train_cnn.py", "--config", v.cnn.config, "--fold",
                                                       str(k), *cnn_over], env, "04") for k in range(args.folds)]
     # --maps (reduced feature maps) only when a member of the group is a ConvLSTM: the command, and so

@@ -4,6 +4,7 @@ on a tiny phantom with results.json matching the metric recomputed from the writ
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from sklearn.metrics import roc_auc_score
 
 from pe import paths
@@ -126,6 +128,17 @@ def test_variants_inherit_from_the_baseline_and_bad_files_are_named(tmp_path: Pa
         bm.load_variant("bad", tmp_path)
     with pytest.raises(bm.BenchError, match="no such variant"):
         bm.load_variant("nope", tmp_path)
+    # runs a CNN builds on ("before"): part of its key; variants without them keep their old key
+    text = (paths.REPO_ROOT / base.cnn.config).read_text() + "\n" + "\n".join(base.cnn.overrides)
+    assert base.cnn_key() == hashlib.sha256(text.encode()).hexdigest()[:10] and base.before == ()
+    hop = bm.load_variant("dual_hop")
+    assert [(b.script, b.name) for b in hop.before] == [("04", "hop1")] and "hop1_exp=hop1" in hop.cnn.overrides
+    lm = bm.load_variant("pretrain_landmarks")
+    assert [(b.script, b.name) for b in lm.before] == [("13", "landmarks")]
+    assert len({base.cnn_key(), hop.cnn_key(), lm.cnn_key()}) == 3
+    (tmp_path / "bad2.yaml").write_text("cnn:\n  config: src/configs/demo.yaml\n  before: [{script: '99', name: x}]\n")
+    with pytest.raises(bm.BenchError, match=r"bad2\.yaml: cnn.before\[0\]: needs script"):
+        bm.load_variant("bad2", tmp_path)
 
 
 @pytest.mark.slow
@@ -203,3 +216,27 @@ def test_ranking_figures_read_the_beliefs_and_the_metric_the_repaired_submission
     w2[:10] = 2.0  # a resample: studies counted with multiplicity
     sub = metric.binary_stats(np.repeat(y[:10][det[:10]], 2), np.repeat(called[:10][det[:10]], 2))
     assert bm.call_stats(raw, called)["f1"](w2) == pytest.approx(sub["f1"], nan_ok=True)
+
+
+@pytest.mark.slow
+def test_benchmark_variants_that_build_on_other_runs_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dual_hop (hop 1 trained first on every fold, then hop 2 on it) and pretrain_landmarks (stage 13
+    once, then the CNN from its backbone) run through the benchmark at the tiny scale."""
+    spec = importlib.util.spec_from_file_location("bench_quality", paths.REPO_ROOT / "bench" / "bench_quality.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_quality", mod)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "out"
+    assert mod.main(["--tiny", "--in-process", "--quiet", "--seeds", "1", "--folds", "2", "--variants", "dual_hop",
+                     "pretrain_landmarks", "--out", str(out), "--work-root", str(tmp_path / "wr"),
+                     "--phantom-dir", str(tmp_path / "phantom"), "--n-boot", "50"]) == 0
+    r = json.loads((out / "results.json").read_text())
+    for name, made in (("dual_hop", ["hop1/fold0/best.pt", "hop1/fold1/best.pt"]),
+                       ("pretrain_landmarks", ["landmarks/backbone.pt", "landmarks/summary.json"])):
+        seed0 = r["variants"][name]["seeds"]["0"]
+        models = out / "runs" / seed0["run"] / "work" / "models"
+        assert all((models / m).is_file() for m in made), name
+        cfg = yaml.safe_load((models / "cnn" / "fold0" / "config.yaml").read_text())
+        assert cfg["hop1_exp" if name == "dual_hop" else "init_from"] == made[0].split("/")[0]
+        assert name in r["paired"] and math.isfinite(seed0["figures"]["score"]["estimate"])

@@ -56,24 +56,64 @@ class StageSpec:
         return {"config": self.config, "overrides": list(self.overrides)}
 
 
+PRE_SCRIPTS: dict[str, str] = {"04": "src/04_train_cnn.py", "13": "src/13_pretrain_landmarks.py"}
+
+
+@dataclass(frozen=True)
+class PreStage:
+    """A run the variant's CNN builds on, made in the same run folder before it: script ``04`` (a CNN
+    on every fold, e.g. hop 1 of a dual-hop model, used through ``hop1_exp=<name>``) or ``13``
+    (landmark pretraining, once, used through ``init_from=<name>``)."""
+
+    script: str
+    name: str
+    spec: StageSpec
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"script": self.script, "name": self.name, **self.spec.as_dict()}
+
+
 @dataclass(frozen=True)
 class Variant:
-    """A named recipe: the stage-1 CNN and the stage-2 sequence members (ensembled by stage 07)."""
+    """A named recipe: the stage-1 CNN (and the runs it builds on) and the stage-2 sequence members
+    (ensembled by stage 07)."""
 
     name: str
     description: str
     cnn: StageSpec
     seq: tuple[StageSpec, ...]
     source: str
+    before: tuple[PreStage, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "source": self.source,
-                "cnn": self.cnn.as_dict(), "seq": [s.as_dict() for s in self.seq]}
+                "cnn": {**self.cnn.as_dict(), "before": [b.as_dict() for b in self.before]},
+                "seq": [s.as_dict() for s in self.seq]}
 
     def cnn_key(self, extra: Sequence[str] = ()) -> str:
-        """Variants whose stage 1 is identical (config bytes + overrides) share its training."""
+        """Variants whose stage 1 is identical (config bytes + overrides, and the runs it builds on)
+        share its training."""
         text = (paths.REPO_ROOT / self.cnn.config).read_text() + "\n" + "\n".join([*self.cnn.overrides, *extra])
+        for b in self.before:  # nothing added without them: the keys of earlier runs stay valid
+            text += f"\nbefore {b.script} {b.name}\n" + (paths.REPO_ROOT / b.spec.config).read_text() + "\n" \
+                + "\n".join(b.spec.overrides)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _before(raw: Any, where: str) -> tuple[PreStage, ...]:
+    if not isinstance(raw, list):
+        raise BenchError(f"{where}: expected a list of {{script: 04|13, name: ..., config: ..., overrides: [...]}}")
+    out = []
+    for i, item in enumerate(raw):
+        w = f"{where}[{i}]"
+        if not isinstance(item, dict) or str(item.get("script")) not in PRE_SCRIPTS or not item.get("name"):
+            raise BenchError(f"{w}: needs script (one of {sorted(PRE_SCRIPTS)}) and name")
+        name = str(item["name"])
+        if name == "cnn" or not name.replace("_", "").isalnum():
+            raise BenchError(f"{w}: name must be letters, digits or _ and not 'cnn' (the variant's own CNN)")
+        spec = _stage({k: v for k, v in item.items() if k not in ("script", "name")}, w)
+        out.append(PreStage(str(item["script"]), name, spec))
+    return tuple(out)
 
 
 def _stage(raw: Any, where: str) -> StageSpec:
@@ -111,9 +151,12 @@ def load_variant(name: str, configs_dir: Path = BENCH_CONFIGS, _seen: tuple[str,
         raise BenchError(f"{path}: 'extends' makes a cycle through {parent_name}")
     parent = load_variant(parent_name, configs_dir, (*_seen, name)) if parent_name else None
     if "cnn" in raw:
-        cnn = _stage(raw["cnn"], f"{path}: cnn")
+        raw_cnn = dict(raw["cnn"]) if isinstance(raw["cnn"], dict) else raw["cnn"]
+        before = _before(raw_cnn.pop("before"), f"{path}: cnn.before") if isinstance(raw_cnn, dict) \
+            and "before" in raw_cnn else ()
+        cnn = _stage(raw_cnn, f"{path}: cnn")
     elif parent is not None:
-        cnn = parent.cnn
+        cnn, before = parent.cnn, parent.before
     else:
         raise BenchError(f"{path}: needs a 'cnn' stage (or 'extends')")
     if "seq" in raw:
@@ -125,7 +168,7 @@ def load_variant(name: str, configs_dir: Path = BENCH_CONFIGS, _seen: tuple[str,
     else:
         raise BenchError(f"{path}: needs 'seq' members (or 'extends')")
     return Variant(name, str(raw.get("description", "")), cnn, seq, str(path.relative_to(paths.REPO_ROOT))
-                   if path.is_relative_to(paths.REPO_ROOT) else str(path))
+                   if path.is_relative_to(paths.REPO_ROOT) else str(path), before)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,9 +239,10 @@ def make_holdout_view(data_dir: Path, out: Path, share: float, seed: int) -> tup
     write_csv_atomic(truth.loc[is_held, list(ID_COLUMNS)], out / "test.csv")
     truth_file = out / "heldout_truth.csv"
     write_csv_atomic(truth.loc[is_held], truth_file)
-    boxes = data_dir / "train_boxes.csv"
-    if boxes.is_file() and not (out / "train_boxes.csv").exists():
-        (out / "train_boxes.csv").symlink_to(boxes.resolve())
+    for extra in ("train_boxes.csv", "phantom_landmarks.csv"):  # annotations of the training studies
+        src_extra = data_dir / extra
+        if src_extra.is_file() and not (out / extra).exists():
+            (out / extra).symlink_to(src_extra.resolve())
     return out, truth_file
 
 
