@@ -5,7 +5,9 @@ Reads  work/models/<exp>/fold<k>/best.pt (stage 04: on train each study's out-of
        its folds.csv and work/meta/<split>.parquet (stage 01).
 Writes work/localize/<exp>/teacher/<split>/{masks,iters}/parts/<StudyInstanceUID>.parquet,
        .../masks/index.parquet, .../clusters.csv (3D clusters with a score per study),
-       .../timings.csv. Resumable: finished studies are skipped.
+       .../timings.csv. Resumable: finished studies are skipped. With ``--export-png DIR`` also
+       DIR/<SOPInstanceUID>.png (255 = pseudo-embolus, original size) for every slice with a voxel:
+       the attention loss's mask folder (``04_train_cnn.py ... attention_lambda=1 attention_source=DIR``).
 
     python src/11_pseudo_masks.py --exp demo_n3 --split train
     python src/11_pseudo_masks.py --exp demo_n3 --split test --ig-steps 32 --max-iter 10
@@ -14,7 +16,12 @@ Writes work/localize/<exp>/teacher/<split>/{masks,iters}/parts/<StudyInstanceUID
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+import pandas as pd
+
+from pe import paths
+from pe.localize.pseudo_io import PseudoMaskStore, export_masks_png
 from pe.localize.teacher import TeacherConfig
 from pe.localize.teacher_stage import TeacherStageConfig, run_teacher
 
@@ -43,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="size filter at 512 px (scaled by (S/512)^2; 'none' = off)")
     ap.add_argument("--max-dist", type=_none_or_float, default=160.0,
                     help="distance filter at 512 px from the image centre (scaled by S/512; 'none' = off)")
+    ap.add_argument("--export-png", type=Path, metavar="DIR",
+                    help="also write the pseudo-masks as DIR/<SOPInstanceUID>.png at the original size: the "
+                         "mask-folder input of the attention loss (attention_source=DIR)")
     a = ap.parse_args(argv)
     teacher = TeacherConfig(clf_threshold=a.clf_threshold, ig_steps=a.ig_steps, n_references=a.n_references,
                             smoothgrad_samples=a.smoothgrad_samples, high=a.high, low=a.low, max_iter=a.max_iter,
@@ -51,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
                              max_studies=a.max_studies, device=a.device)
     out = run_teacher(a.exp, a.split, cfg, out=a.out)
     print(f"pseudo-masks: {out}")
+    if a.export_png:
+        meta = pd.read_parquet(paths.meta_path(a.split), columns=["SOPInstanceUID", "rows", "columns"])
+        shapes = {str(r.SOPInstanceUID): (int(r.rows), int(r.columns)) for r in meta.itertuples(index=False)}
+        counts = export_masks_png(PseudoMaskStore(out / "masks"), a.export_png, shapes)
+        print(f"mask PNGs: {counts['written']} slices of {counts['studies']} studies in {a.export_png} "
+              f"({counts['skipped']} skipped: no valid SOPInstanceUID or no metadata row)")
     return 0
 
 

@@ -64,3 +64,28 @@ def test_store_rejects_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="1.9"):
         store.read("1.9")
     assert store.done() == set()
+
+
+def test_export_png_feeds_the_attention_loss_mask_folder(tmp_path):
+    """Pseudo-masks → <SOP>.png at the original size, read back by the attention loss's mask folder
+    (pe.data.annotations.Annotations); slices without a voxel get no file; a bad SOP id never
+    becomes a file name."""
+    from pe.data.annotations import Annotations
+    from pe.localize.pseudo_io import export_masks_png
+
+    store = PseudoMaskStore(tmp_path / "masks")
+    labels = np.zeros((3, 32, 32), np.int32)
+    labels[1, 8:16, 4:12] = 2
+    labels[2, 0:4, 0:4] = 1
+    sops = ["aaaaaaaaaaa1", "aaaaaaaaaaa2", "../escape"]
+    store.write("bbbbbbbbbbbb", labels, sops)
+    counts = export_masks_png(store, tmp_path / "png", {s: (64, 48) for s in sops})
+    assert counts == {"studies": 1, "written": 1, "skipped": 1}
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["aaaaaaaaaaa2.png"]
+    ann = Annotations.from_path(tmp_path / "png")
+    assert ann.sops == {"aaaaaaaaaaa2"}
+    m = ann.original_mask("aaaaaaaaaaa2", (64, 48))
+    assert m.shape == (64, 48)
+    # rows 8:16 of 32 -> 16:32 of 64; columns 4:12 of 32 -> 6:18 of 48 (nearest)
+    assert m[16:32, 6:18].all() and m.sum() == 16 * 12
+    assert not ann.original_mask("aaaaaaaaaaa1", (64, 48)).any()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +148,39 @@ class PseudoMaskStore:
     def extra(self, study_uid: str) -> dict:
         """The ``extra`` metadata stored with a study."""
         return self._meta(self.part_path(study_uid))["extra"]
+
+
+def export_masks_png(store: PseudoMaskStore, out_dir: str | Path, shapes: Mapping[str, tuple[int, int]],
+                     studies: Iterable[str] | None = None) -> dict[str, int]:
+    """The pseudo-masks as ``<SOPInstanceUID>.png`` files (uint8, 255 = embolus) at each slice's
+    original size, the mask-folder input of the attention loss (CNNConfig.attention_source;
+    pe.data.annotations): weak supervision without human boxes. Only slices with a voxel get a file
+    (a slice without one is unannotated, as in the paper's sparse boxes). The cache frame (S, S)
+    covers the whole image, so it is resized (nearest) to ``shapes[sop]`` (rows, cols). SOP ids
+    are checked (:func:`pe.rspect.is_valid_uid`) before they become file names.
+    Returns counts: studies, slices written, slices skipped (no SOP id or no shape)."""
+    import cv2
+
+    from pe.io import write_bytes_atomic
+    from pe.rspect import is_valid_uid
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {"studies": 0, "written": 0, "skipped": 0}
+    for study in sorted(store.done() if studies is None else studies):
+        labels, sops = store.read(study)
+        counts["studies"] += 1
+        for k in np.flatnonzero(labels.reshape(len(labels), -1).max(axis=1) > 0):
+            sop = sops[k]
+            if sop is None or not is_valid_uid(sop) or sop not in shapes:
+                counts["skipped"] += 1
+                continue
+            rows, cols = shapes[sop]
+            m = cv2.resize((labels[k] > 0).astype(np.uint8) * 255, (int(cols), int(rows)),
+                           interpolation=cv2.INTER_NEAREST)
+            ok, buf = cv2.imencode(".png", m)
+            if not ok:
+                raise OSError(f"{out / f'{sop}.png'}: cannot encode the mask image")
+            write_bytes_atomic(out / f"{sop}.png", buf.tobytes())
+            counts["written"] += 1
+    return counts
