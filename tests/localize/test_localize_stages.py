@@ -136,7 +136,7 @@ def test_teacher_stage_end_to_end_and_resume(work, load_script, capsys):
     assert part.stat().st_mtime_ns == mtime
 
 
-def test_student_stage_end_to_end_resume_and_table(work, load_script, capsys):
+def test_student_stage_end_to_end_resume_and_table(work, load_script, capsys, tmp_path, monkeypatch):
     load_script("11_pseudo_masks.py").main(["--exp", EXP, "--split", "train", *work["teacher_args"]])  # resumes
     load_script("11_pseudo_masks.py").main(["--exp", EXP, "--split", "test", *work["teacher_args"]])
     script = load_script("12_train_student.py")
@@ -157,6 +157,21 @@ def test_student_stage_end_to_end_resume_and_table(work, load_script, capsys):
     rows = localization_table(EXP, "test", boxes, n_boot=50)
     assert rows[-1]["method"] == "student" and all(r["studies"] == len(studies) for r in rows)
     assert "F1" in format_table(rows)
+    # the report's side-by-side panels: truth boxes, teacher pseudo-mask, student prediction
+    from pe.report.localization import localization_section
+
+    monkeypatch.setenv("PE_DATA_DIR", str(work["phantom"]))
+    summary: dict = {}
+    page = localization_section(EXP, tmp_path, summary, n=2)
+    assert page is not None and "localization.png" in page and (tmp_path / "localization.png").stat().st_size > 0
+    loc = summary["localization"]
+    assert loc["split"] == "test" and 1 <= len(loc["slices"]) <= 2
+    truth = pd.read_csv(boxes, dtype=str)
+    idx = pd.read_parquet(work["cache"] / "index.parquet")
+    for study, k, n_boxes, *_, student_px, _ in loc["slices"]:
+        sop = idx.loc[(idx[STUDY] == study) & (idx["slice_index"] == k), "SOPInstanceUID"].iloc[0]
+        assert n_boxes == (truth["SOPInstanceUID"] == sop).sum() > 0 and student_px != "n/a"
+    assert localization_section("no_such_exp", tmp_path, {}) is None
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,7 @@ from pe.report.evaluation import Evaluation, choose_studies, evaluate, per_study
 from pe.report.explain_maps import explanation_section  # noqa: E402
 from pe.report.html import fmt, html_table, img, metric_table, stats_table, write_html  # noqa: E402
 from pe.report.inputs import load_slice_order  # noqa: E402
+from pe.report.localization import localization_section
 from pe.report.plots import plot_calibration, plot_roc, plot_slice_curves  # noqa: E402
 from pe.rspect import SOP  # noqa: E402
 
@@ -125,6 +126,14 @@ def build_report(exp: str, out_dir: str | Path | None = None, cnn_exp: str | Non
     maps_html = _maps_section(ev, cnn_exp, cnn_probs, out, summary, explain, n_cams, ig, ig_steps, max_pointing,
                               device, cam_layer)
     sections.append(("Explanation maps", maps_html))
+    try:
+        loc_html = localization_section(cnn_exp, out, summary)
+    except Exception as e:  # the rest of the page stands on its own
+        log.exception("localisation panels failed: %s: %s", type(e).__name__, e)
+        notes.append(f"localisation panels failed: {type(e).__name__}: {e}")
+        loc_html = None
+    if loc_html is not None:
+        sections.append(("Weakly supervised localisation (stages 11 and 12)", loc_html))
     if notes:
         sections.append(("Notes", "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"))
     sections.append(("Data", "<p>Every number of this page, and more: <a href=\"report.json\">report.json</a>.</p>"))
