@@ -23,7 +23,7 @@ import pandas as pd
 from pe import paths
 from pe.localize.pseudo_io import PseudoMaskStore, export_masks_png
 from pe.localize.teacher import TeacherConfig
-from pe.localize.teacher_stage import TeacherStageConfig, run_teacher
+from pe.localize.teacher_stage import TeacherStageConfig, run_teacher, sensitivity_threshold
 
 
 def _none_or_float(text: str) -> float | None:
@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-studies", type=int, default=None, help="first N studies only (smoke runs)")
     ap.add_argument("--clf-threshold", type=float, default=0.5, help="window probability that counts as positive")
+    ap.add_argument("--clf-sensitivity", type=float, default=None, metavar="S",
+                    help="instead of --clf-threshold: the paper's high-sensitivity operating point, the threshold "
+                         "that calls S (e.g. 0.95) of the positive training slices positive in the CNN's "
+                         "out-of-fold probabilities")
     ap.add_argument("--ig-steps", type=int, default=32)
     ap.add_argument("--n-references", type=int, default=1, help="IG references (k > 1 adds noisy ones)")
     ap.add_argument("--smoothgrad-samples", type=int, default=0)
@@ -54,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="also write the pseudo-masks as DIR/<SOPInstanceUID>.png at the original size: the "
                          "mask-folder input of the attention loss (attention_source=DIR)")
     a = ap.parse_args(argv)
+    if a.clf_sensitivity is not None:
+        a.clf_threshold, op = sensitivity_threshold(a.exp, a.clf_sensitivity)
+        print("operating point: threshold {threshold:.4f} for target sensitivity {target_sensitivity:.2f}: "
+              "out-of-fold slice sensitivity {slice_sensitivity:.3f}, specificity {slice_specificity:.3f} "
+              "({positive_slices} positive / {negative_slices} negative slices)".format(**op), flush=True)
     teacher = TeacherConfig(clf_threshold=a.clf_threshold, ig_steps=a.ig_steps, n_references=a.n_references,
                             smoothgrad_samples=a.smoothgrad_samples, high=a.high, low=a.low, max_iter=a.max_iter,
                             min_new_voxels=a.min_new_voxels, agg_threshold=a.agg_threshold)

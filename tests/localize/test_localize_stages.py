@@ -136,6 +136,22 @@ def test_teacher_stage_end_to_end_and_resume(work, load_script, capsys):
     assert part.stat().st_mtime_ns == mtime
 
 
+def test_high_sensitivity_operating_point_from_out_of_fold_probabilities(work) -> None:
+    from pe.localize.teacher_stage import sensitivity_threshold
+
+    oof = pd.concat([pd.read_parquet(p) for p in paths.exp_oof_dir(EXP).glob("cnn_fold*.parquet")])
+    meta = pd.read_parquet(paths.meta_path("train"))
+    y = oof.merge(meta[["SOPInstanceUID", "pe_present_on_image"]], on="SOPInstanceUID")
+    pos = y.loc[y["pe_present_on_image"] > 0.5, "prob"].to_numpy()
+    for target in (0.5, 0.8, 1.0):
+        thr, fig = sensitivity_threshold(EXP, target)
+        assert fig["slice_sensitivity"] == pytest.approx((pos >= thr).mean()) and fig["slice_sensitivity"] >= target
+        assert (pos > thr).mean() < target or thr == pos.max()  # the largest threshold that reaches it
+    assert sensitivity_threshold(EXP, 1.0)[0] == pytest.approx(pos.min())
+    with pytest.raises(FileNotFoundError, match="cnn_fold"):
+        sensitivity_threshold("no_such_exp", 0.9)
+
+
 def test_student_stage_end_to_end_resume_and_table(work, load_script, capsys, tmp_path, monkeypatch):
     load_script("11_pseudo_masks.py").main(["--exp", EXP, "--split", "train", *work["teacher_args"]])  # resumes
     load_script("11_pseudo_masks.py").main(["--exp", EXP, "--split", "test", *work["teacher_args"]])

@@ -228,3 +228,31 @@ def finish_outputs(store: PseudoMaskStore, studies: list[str], out: Path) -> Non
                       "positive_windows": extra.get("positive_windows"), "rounds": extra.get("rounds")})
     write_csv_atomic(pd.DataFrame(rows, columns=CLUSTER_COLUMNS), out / "clusters.csv", index=False)
     write_csv_atomic(pd.DataFrame(times), out / "timings.csv", index=False)
+
+
+def sensitivity_threshold(exp: str, sensitivity: float, meta_path: Path | None = None) -> tuple[float, dict]:
+    """The classifier threshold of the paper's high-sensitivity operating point: the largest window
+    probability that still calls ``sensitivity`` of the positive training slices positive, from the
+    CNN's out-of-fold slice probabilities (``oof/<exp>/cnn_fold*.parquet``, no slice seen by its own
+    model) and the slice labels of ``work/meta/train.parquet``. Returns (threshold, figures)."""
+    if not 0 < sensitivity <= 1:
+        raise ValueError(f"sensitivity must be in (0, 1], got {sensitivity}")
+    files = sorted(paths.exp_oof_dir(exp).glob("cnn_fold*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{paths.exp_oof_dir(exp)}: no cnn_fold*.parquet (stage 04's out-of-fold "
+                                "probabilities) to choose the operating point from")
+    oof = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True).drop_duplicates("SOPInstanceUID")
+    meta = pd.read_parquet(meta_path or paths.meta_path("train"), columns=["SOPInstanceUID", "pe_present_on_image"])
+    y = oof.merge(meta, on="SOPInstanceUID", how="inner")
+    pos = np.sort(y.loc[y["pe_present_on_image"] > 0.5, "prob"].to_numpy(np.float64))
+    if len(pos) == 0:
+        raise ValueError(f"{paths.exp_oof_dir(exp)}: no positive slice among the out-of-fold probabilities")
+    # calling p >= t positive: the k-th smallest positive probability keeps len(pos) - k of them
+    k = int(np.floor(len(pos) * (1.0 - sensitivity) + 1e-9))
+    thr = float(pos[min(k, len(pos) - 1)])
+    neg = y.loc[y["pe_present_on_image"] <= 0.5, "prob"].to_numpy(np.float64)
+    figures = {"threshold": thr, "target_sensitivity": sensitivity,
+               "slice_sensitivity": float((pos >= thr).mean()),
+               "slice_specificity": float((neg < thr).mean()) if len(neg) else float("nan"),
+               "positive_slices": int(len(pos)), "negative_slices": int(len(neg))}
+    return thr, figures
