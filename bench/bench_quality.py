@@ -235,7 +235,7 @@ def prep_stages(data: Path, prep: Path, cache_sizes: Sequence[int]) -> list[Stag
 
 
 def cnn_stages(v: bm.Variant, args: argparse.Namespace, seed: int, run: Path, env: dict[str, str],
-               maps: bool = False) -> list[Stage]:
+               maps: bool = False, fit_export: bool = False) -> list[Stage]:
     cnn_over = [*v.cnn.overrides, *args.cnn_override, "name=cnn", f"seed={bm.config_seed(v.cnn) + seed}",
                 "progress=false"]
     st = [Stage(f"{run.name}/03_make_folds", [PY, "src/03_make_folds.py", "--meta", str(run / "work/meta/train.parquet"),
@@ -258,6 +258,9 @@ def cnn_stages(v: bm.Variant, args: argparse.Namespace, seed: int, run: Path, en
     st += [Stage(f"{run.name}/05_export_embeddings:{s}", [PY, "src/05_export_embeddings.py", "--exp", "cnn",
                                                           "--split", s, *(["--maps"] if maps else [])], env, "05")
            for s in ("train", "test")]
+    if fit_export:  # each fold's CNN on its own training studies (train_embeddings: fold_model)
+        st.append(Stage(f"{run.name}/05_export_embeddings:train_fit", [PY, "src/05_export_embeddings.py", "--exp",
+                                                                       "cnn", "--split", "train_fit"], env, "05"))
     return st
 
 
@@ -319,7 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = out / "runs" / f"cnn-{key}-s{seed}"
             link_run(run, prep)
             env = bm.env_for(run / "work", run / "oof", data, run / "reports")
-            for st in cnn_stages(group[0], args, seed, run, env, bm.needs_maps(group, args.seq_override)):
+            for st in cnn_stages(group[0], args, seed, run, env, bm.needs_maps(group, args.seq_override),
+                                 bm.needs_fit_export(group, args.seq_override)):
                 runner.run(st)
             for v in group:
                 runs[(v.name, seed)] = run

@@ -5,7 +5,10 @@ Reads  work/models/<exp>/fold<k>/best.pt (stage 04), the JPEG cache named in its
 Writes work/embeddings/<exp>/fold<k>/<split>/<StudyInstanceUID>.npy (float16, slices in z order × D),
        .../<split>/parts/<StudyInstanceUID>.parquet and .../<split>/index.parquet
        (StudyInstanceUID, SOPInstanceUID, slice_index, prob).
-Train split: fold k's model embeds only fold k's (validation) studies; test split: every test study.
+Train split: fold k's model embeds only fold k's (validation) studies; test split: every test study;
+train_fit split: the studies fold k's model was trained on (in-sample), read by a stage 2 with
+``train_embeddings: fold_model`` so that training, validation and test inputs of its fold k all come
+from the same CNN (independently trained CNNs do not share an embedding basis).
 Resumable: studies already exported are skipped.
 With --maps also the reduced per-slice feature maps for the ConvLSTM stage II (shi2020):
        .../<split>/maps/<StudyInstanceUID>.npy (float16, stored slices in z order × C × k × k: the last
@@ -30,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--exp", required=True, help="stage-1 experiment name (work/models/<exp>/)")
     ap.add_argument("--fold", type=int, default=None, help="one fold (default: every fold with a best.pt)")
-    ap.add_argument("--split", choices=["train", "test"], default="train")
+    ap.add_argument("--split", choices=["train", "test", "train_fit"], default="train",
+                    help="train: fold k's validation studies (out-of-fold); test: every test study; train_fit: "
+                         "the studies fold k's model trained on (for a stage 2 with train_embeddings=fold_model)")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--maps", action="store_true", help="also export reduced feature maps (ConvLSTM stage II)")

@@ -236,6 +236,11 @@ class SeqConfig:
 
     name: str = "seq"
     cnn_exp: str = ""  # stage-1 experiment whose embeddings are read (work/embeddings/<cnn_exp>/); required to train
+    # Which CNN embeds fold k's training studies. oof: their own out-of-fold CNNs (other models than
+    # the fold-k CNN that embeds the validation and test studies: independently trained CNNs do not share
+    # an embedding basis, which matters most with 2 folds). fold_model: the fold-k CNN itself (in-sample;
+    # 05_export_embeddings.py --split train_fit), so train, validation and test share one space.
+    train_embeddings: str = "oof"
     rnn: str = "gru"  # gru | lstm
     layers: int = 2  # 1 or 2 bidirectional layers
     hidden: int = 128  # per direction; the sequence features h_k have 2*hidden channels

@@ -120,6 +120,16 @@ def test_test_split_every_fold_and_errors(load_script, cnn_runs: dict[int, list[
     a, _ = load_study_embeddings(EXP, 0, "test", study)
     b, _ = load_study_embeddings(EXP, 1, "test", study)
     assert not np.array_equal(a, b)  # each fold's own model
+    # train_fit: each fold's model on the studies it trained on (stage 2's fold_model input)
+    assert script.main(["--exp", EXP, "--split", "train_fit", "--fold", "0", "--batch-size", "32"]) == 0
+    fit = pd.read_parquet(paths.embeddings_dir(EXP, 0, "train_fit") / "index.parquet")
+    assert set(fit[STUDY]) == set(cnn_runs[1])  # fold 0's model trained on fold 1's studies
+    c, _ = load_study_embeddings(EXP, 0, "train_fit", cnn_runs[1][0])
+    export_fold(EXP, 1, "train", batch_size=32)
+    d, _ = load_study_embeddings(EXP, 1, "train", cnn_runs[1][0])
+    assert c.shape == d.shape and not np.array_equal(c, d)  # same study, fold 0's model vs fold 1's
+    with pytest.raises(ValueError, match="fold -1"):
+        export_fold(EXP, -1, "train_fit")
     with pytest.raises(ValueError, match="fold -1"):
         export_fold(EXP, -1, "train")
     with pytest.raises(FileNotFoundError, match="fold7"):

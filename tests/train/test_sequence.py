@@ -436,3 +436,28 @@ def test_evidence_of_a_weak_cnn_does_not_explode_on_another_fold() -> None:
     with torch.no_grad():
         p = torch.sigmoid(model(batch["x"], batch["mask"], batch["cnn_logit"])["exam_logits"])
     assert 0.01 < float(p.min()) and float(p.max()) < 0.99, p
+
+
+def test_fold_model_embeddings_train_in_the_validation_cnns_space(synthetic_tree: dict[int, list[StudySeq]]) -> None:
+    """train_embeddings=fold_model: fold k's training studies come from fold k's train_fit folder (its own
+    CNN, in-sample), the validation studies from its out-of-fold folder; a folder that does not hold
+    exactly the training folds' studies is refused; an unknown value too."""
+    from pe.data.seq_items import load_fold_data
+    from pe.data.tables import load_train_labels
+
+    shifted = {k: [StudySeq(it.study, it.sops, it.emb + 100.0, it.probs) for it in items]
+               for k, items in synthetic_tree.items()}
+    _write_embeddings("synth", 0, "train_fit", shifted[1] + shifted[2])  # fold 0's CNN on its training studies
+    cfg = dataclasses.replace(SMALL, cnn_exp="synth", train_embeddings="fold_model")
+    train, val = load_fold_data(cfg, 0, load_train_labels())
+    assert {it.study for it in train} == {it.study for k in (1, 2) for it in synthetic_tree[k]}
+    assert all(it.emb.mean() > 50.0 for it in train)  # read from train_fit, not from the OOF folders
+    assert [it.study for it in val] == sorted(it.study for it in synthetic_tree[0])
+    assert val[0].image_labels is not None and train[0].exam_labels is not None
+    oof_train, _ = load_fold_data(dataclasses.replace(cfg, train_embeddings="oof"), 0, load_train_labels())
+    assert all(it.emb.mean() < 50.0 for it in oof_train)
+    _write_embeddings("synth", 0, "train_fit", shifted[1])  # fold 2's studies missing
+    with pytest.raises(ValueError, match="train_fit"):
+        load_fold_data(cfg, 0, load_train_labels())
+    with pytest.raises(ValueError, match="train_embeddings"):
+        load_fold_data(dataclasses.replace(cfg, train_embeddings="other"), 0, load_train_labels())

@@ -141,4 +141,15 @@ def load_fold_data(cfg: SeqConfig, fold: int, labels: pd.DataFrame) -> tuple[lis
             raise ValueError(f"{len(wrong)} studies are embedded under a fold other than theirs in {fpath}, "
                              f"e.g. {wrong[:3]}: the embeddings would leak")
     train = [it for j in folds if j != fold for it in per_fold[j]]
+    if getattr(cfg, "train_embeddings", "oof") == "fold_model":
+        fit = load_split_studies(cfg.cnn_exp, fold, "train_fit", labels, cfg.progress)
+        want = {it.study for it in train}
+        got = {it.study for it in fit}
+        if got != want:
+            raise ValueError(f"{paths.embeddings_dir(cfg.cnn_exp, fold, 'train_fit')}: holds {len(got)} studies, the "
+                             f"training folds of fold {fold} have {len(want)} ({len(got - want)} extra, "
+                             f"{len(want - got)} missing); run 05_export_embeddings.py --split train_fit")
+        train = fit
+    elif getattr(cfg, "train_embeddings", "oof") != "oof":
+        raise ValueError(f"train_embeddings must be 'oof' or 'fold_model', got {cfg.train_embeddings!r}")
     return train, per_fold[fold]

@@ -483,6 +483,13 @@ def needs_maps(variants: Sequence[Variant], extra: Sequence[str] = ()) -> bool:
     return any(str(_config_value(m, "model", extra, "")) == "convlstm" for v in variants for m in v.seq)
 
 
+def needs_fit_export(variants: Sequence[Variant], extra: Sequence[str] = ()) -> bool:
+    """Whether a sequence member reads its training studies' embeddings from the fold's own CNN
+    (``train_embeddings: fold_model``), which ``05_export_embeddings.py --split train_fit`` writes."""
+    return any(str(_config_value(m, "train_embeddings", extra, "oof")) == "fold_model"
+               for v in variants for m in v.seq)
+
+
 def cache_size(spec: StageSpec, extra: Sequence[str] = ()) -> int:
     """The JPEG cache size a CNN spec reads (stage 02 must make it)."""
     from pe.config import CNNConfig

@@ -62,12 +62,23 @@ def model_folds(exp: str) -> list[int]:
     return sorted(folds)
 
 
+SPLITS: tuple[str, ...] = ("train", "test", "train_fit")
+
+
+def meta_split(split: str) -> str:
+    """The metadata split an export split reads: ``train_fit`` embeds training studies."""
+    return "train" if split == "train_fit" else split
+
+
 def _split_studies(split: str, fold: int) -> list[str]:
-    """Studies fold ``fold``'s model embeds: its own validation fold (train) or all test studies."""
-    if split == "train":
+    """Studies fold ``fold``'s model embeds: its own validation fold (train: out-of-fold), the
+    studies it was trained on (train_fit: in-sample, for a stage 2 that reads one CNN's embedding
+    space in training and validation, ``SeqConfig.train_embeddings = fold_model``) or all test studies."""
+    if split in ("train", "train_fit"):
 
         folds = load_folds(paths.folds_path())
-        studies = folds.loc[folds["fold"] == fold, STUDY].astype(str).tolist()
+        mine = folds["fold"] == fold
+        studies = folds.loc[mine if split == "train" else ~mine, STUDY].astype(str).tolist()
         if not studies:
             raise ValueError(f"{paths.folds_path()}: fold {fold} has no studies")
         return sorted(studies)
@@ -186,9 +197,9 @@ def export_fold(exp: str, fold: int, split: str, device: str | torch.device | No
     ``maps`` also the reduced feature maps (``maps/<study>.npy``; the ``in_features`` of ``maps`` are
     taken from the CNN)."""
 
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if split == "train" and fold < 0:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split != "test" and fold < 0:
         raise ValueError("fold -1 (full fit) has no validation fold: it embeds the test split only")
     ckpt = paths.run_dir(exp, fold) / "best.pt"
     if not ckpt.is_file():
@@ -212,7 +223,7 @@ def export_fold(exp: str, fold: int, split: str, device: str | torch.device | No
                "boxes": _box_lookup(cache_dir) if getattr(cfg, "crop_lung", False) and not use_roi else {},
                "rois": _roi_lookup(cache_dir) if use_roi else {},
                "projection": None if maps is None else np.load(out_dir / "maps" / "projection.npy")}
-        meta = _meta_sops(split).set_index(SOP)
+        meta = _meta_sops(meta_split(split)).set_index(SOP)
         cidx = cindex[cindex[STUDY].isin(set(todo))].sort_values([STUDY, "slice_index"])
         groups = dict(tuple(cidx.groupby(STUDY, sort=False)))
         for study in tqdm(todo, desc=f"embed {exp}/fold{fold}/{split}"):
@@ -223,7 +234,7 @@ def export_fold(exp: str, fold: int, split: str, device: str | torch.device | No
             unknown = [s for s in sops if s not in meta.index]
             if unknown:
                 raise ValueError(f"{cache_dir}/index.parquet: {len(unknown)} SOPInstanceUIDs of study {study} "
-                                 f"are not in {paths.meta_path(split)}, e.g. {unknown[:3]}")
+                                 f"are not in {paths.meta_path(meta_split(split))}, e.g. {unknown[:3]}")
             images = load_study_images(cache_dir, study, cindex)
             if len(images) != len(sops):
                 raise ValueError(f"{cache_dir}: study {study} has {len(images)} images but {len(sops)} index rows")
