@@ -39,7 +39,7 @@ done
 stage 03_make_folds $PY src/03_make_folds.py --meta "$WORK/meta/train.parquet" --out "$WORK/folds.csv" --n-folds 2 --seed 42
 # every fold in one process (one interpreter and torch start-up instead of three)
 stage 04_train_cnn:folds$FOLDS $PY src/04_train_cnn.py --config src/configs/demo.yaml --fold "$FOLDS"
-for s in train test; do
+for s in train test train_fit; do
   stage 05_export_embeddings:$s $PY src/05_export_embeddings.py --exp demo --split $s
 done
 for c in seq_demo_gru seq_demo_lstm; do
