@@ -49,5 +49,5 @@ stage 07_ensemble $PY src/07_ensemble.py --members seq_demo_gru seq_demo_lstm --
 stage 08_make_submission $PY src/08_make_submission.py --pred "$OOF/ens_demo/test.csv" --test "$DATA/test.csv" \
   --out "$SUBS/demo_submission.csv"
 stage 09_score $PY src/09_score.py --submission "$OOF/ens_demo/oof.csv" --truth "$DATA/train.csv" --json "$OOF/ens_demo/score.json"
-stage 10_report $PY src/10_report.py --exp ens_demo
+stage 10_report $PY src/10_report.py --exp ens_demo --max-pointing 64
 echo "demo finished in $(( $(date +%s) - T0 )) s"
