@@ -48,6 +48,7 @@ def cnn_runs(phantom_meta: dict[str, Path], phantom_cache: Path) -> dict[int, li
 def test_export_is_out_of_fold_ordered_and_resumable(cnn_runs: dict[int, list[str]], phantom_cache: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import pe.infer.embeddings
+    import pe.models.load
     from pe.data.cache import load_boxes, load_study_images
     from pe.infer.embeddings import export_embeddings, load_study_embeddings
 
@@ -66,7 +67,7 @@ def test_export_is_out_of_fold_ordered_and_resumable(cnn_runs: dict[int, list[st
         assert emb.dtype == np.float16 and emb.shape == ((expected[STUDY] == studies[0]).sum(), 256)
 
     # the stored arrays are the CNN's outputs for the study in z order, lung box applied
-    model, cfg = pe.models.slice_cnn.load_cnn(paths.run_dir(EXP, 1) / "best.pt")
+    model, cfg = pe.models.load.load_cnn(paths.run_dir(EXP, 1) / "best.pt")
     study = cnn_runs[1][0]
     box = load_boxes(phantom_cache).set_index(STUDY).loc[study, ["x0", "y0", "x1", "y1"]].tolist()
     probs, emb = pe.models.slice_cnn.infer_study(model, cfg, load_study_images(phantom_cache, study), box=box, amp=False)

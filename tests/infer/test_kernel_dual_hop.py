@@ -76,7 +76,7 @@ def test_kernel_runs_a_dual_hop_experiment(phantom_dir: Path, phantom_meta: dict
                                   weights=None, raw_out=tmp_path / "raw.csv", workers=0, progress=False,
                                   work_dir=tmp_path / "kwork", device="cpu")
     kernel.run_inference(icfg)
-    from pe.models.slice_cnn import load_cnn
+    from pe.models.load import load_cnn
 
     assert isinstance(load_cnn(paths.run_dir(HOP, 0) / "best.pt")[0], DualHop)
     folds = [pd.read_csv(root / "oof" / SEQ / f"test_fold{k}.csv", dtype={"id": str}).set_index("id")["label"]

@@ -55,7 +55,8 @@ def test_map_export_equals_reduced_feature_maps_and_prints_the_rspect_size(
     from pe.data.cache import load_boxes, load_study_images
     from pe.infer.embeddings import load_study_embeddings
     from pe.models.convlstm import projection_matrix, reduce_feature_maps
-    from pe.models.slice_cnn import load_cnn, preprocess_study
+    from pe.models.load import load_cnn
+    from pe.models.slice_cnn import preprocess_study
 
     script = load_script("05_export_embeddings.py")
     assert script.main(["--exp", EXP, "--split", "train", "--batch-size", "16", "--maps", "--map-size", "2",

@@ -11,7 +11,8 @@ import torch
 from timm.models import adapt_input_conv
 
 from pe.config import CNNConfig, to_dict
-from pe.models.slice_cnn import build_model, infer_study, load_cnn, preprocess_study
+from pe.models.load import load_cnn
+from pe.models.slice_cnn import build_model, infer_study, preprocess_study
 
 TINY = dict(backbone="test_efficientnet", img_size=48, drop_rate=0.0, drop_path_rate=0.0)
 

@@ -68,7 +68,8 @@ def test_stage04_trains_hop2_on_a_frozen_hop1_and_load_cnn_restores_both(
     from pe import paths
     from pe.config import load_config
     from pe.models.dual_hop import DualHop
-    from pe.models.slice_cnn import infer_study, load_cnn
+    from pe.models.load import load_cnn
+    from pe.models.slice_cnn import infer_study
     from pe.synthetic.caches import write_synthetic_cache
     from pe.train.cnn import train_fold
 

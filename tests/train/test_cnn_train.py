@@ -20,7 +20,7 @@ from pe.config import CNNConfig, load_config
 from pe.data.cache import load_boxes, load_index
 from pe.data.folds import load_folds
 from pe.data.slices import EpochBatchSampler, build_slice_table
-from pe.models.slice_cnn import load_cnn
+from pe.models.load import load_cnn
 from pe.synthetic.caches import write_synthetic_cache
 from pe.train.cnn import SimulatedCrash, train_fold
 from pe.train.core import warmup_cosine as lr_factor

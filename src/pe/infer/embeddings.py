@@ -46,7 +46,8 @@ from pe.data.cache import load_boxes, load_index, load_study_images
 from pe.data.folds import load_folds
 from pe.io import atomic_path, write_parquet_atomic, write_text_atomic
 from pe.models.convlstm import MapCapture, MapReduction, projection_matrix, slab_rows, storage_report
-from pe.models.slice_cnn import infer_study, load_cnn
+from pe.models.load import load_cnn
+from pe.models.slice_cnn import infer_study
 from pe.rspect import SOP, STUDY
 
 INDEX_COLUMNS = [STUDY, SOP, "slice_index", "prob"]

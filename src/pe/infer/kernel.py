@@ -281,8 +281,8 @@ class _Models:
 
 def _load_models(cfg: InferenceConfig, log: Any) -> _Models:
     from pe.models.convlstm import load_convlstm_member
+    from pe.models.load import load_cnn
     from pe.models.seq_rnn import load_seq_model
-    from pe.models.slice_cnn import load_cnn
 
     plan = discover_models(cfg.models, cfg.weights)
     log(plan.describe())

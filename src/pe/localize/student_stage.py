@@ -41,8 +41,8 @@ from pe.localize.teacher_stage import (
     study_clusters,
     teacher_dir,
 )
+from pe.models.load import load_cnn
 from pe.models.seg3d import Seg3DConfig, build_seg3d
-from pe.models.slice_cnn import load_cnn
 
 
 @dataclass

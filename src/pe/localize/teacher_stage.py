@@ -54,7 +54,8 @@ from pe.localize.teacher import (
     refine_window,
     slice_offsets,
 )
-from pe.models.slice_cnn import load_cnn, preprocess_study
+from pe.models.load import load_cnn
+from pe.models.slice_cnn import preprocess_study
 from pe.rspect import STUDY
 
 CLUSTER_COLUMNS = [STUDY, "cluster", "voxels", "z0", "y0", "x0", "z1", "y1", "x1", "score_max", "score_mean",

@@ -37,7 +37,7 @@ from pe.data.slices import (
     to_uint8_tensor,
 )
 from pe.rspect import EXAM_LABELS
-from pe.train.core import amp_settings, load_checkpoint
+from pe.train.core import amp_settings
 
 log = logging.getLogger(__name__)
 
@@ -161,25 +161,6 @@ def config_from_checkpoint(ckpt: dict[str, Any], source: str) -> CNNConfig:
     # The checkpoint holds all weights (hop 1's too): never fetch or read pretrained ones again.
     cfg.pretrained, cfg.pretrained_path, cfg.init_from = False, None, None
     return cfg
-
-
-def load_cnn(checkpoint: Path, device: str = "cpu") -> tuple[nn.Module, CNNConfig]:
-    """Model (eval mode, on ``device``) and config from a checkpoint; ``"model"`` holds the weights
-    to predict with (the EMA weights when EMA was on)."""
-    p = Path(checkpoint)
-    ckpt = load_checkpoint(p, ("model", "config"), "CNN checkpoint")
-    cfg = config_from_checkpoint(ckpt, str(p))
-    if cfg.hop1_exp:  # a dual-hop experiment is one model to export and the kernel: both hops inside
-        from pe.models.dual_hop import build_dual_hop
-
-        model = build_dual_hop(cfg, None, init_hop2_from_hop1=False)
-    else:
-        model = build_model(cfg)
-    model.load_state_dict({re.sub(r"^module\.", "", k): v for k, v in ckpt["model"].items()})
-    model = model.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model.eval(), cfg
 
 
 def preprocess_study(images: np.ndarray, cfg: CNNConfig, box: Sequence[float] | None = None,

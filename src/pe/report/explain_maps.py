@@ -22,7 +22,8 @@ from pe.data.slices import clip_box
 from pe.explain.cam import grad_cam, logit_of
 from pe.explain.ig import integrated_gradients
 from pe.explain.pointing import boxes_to_input_frame, fill_boxes, pointing_game
-from pe.models.slice_cnn import load_cnn, preprocess_study
+from pe.models.load import load_cnn
+from pe.models.slice_cnn import preprocess_study
 from pe.report.evaluation import Evaluation, ExplainedSlice  # noqa: E402
 from pe.report.html import html_table, img  # noqa: E402
 from pe.report.inputs import cnn_oof_folds, load_embolus_boxes, original_shapes, study_folds  # noqa: E402

@@ -88,7 +88,7 @@ def localization_section(cnn_exp: str | None, out: Path, summary: dict[str, Any]
         return f"<p>teacher pseudo-masks found ({split}) but no {html.escape(box_file.name)} or metadata to compare with</p>"
     from pe.config import resolve_paths
     from pe.localize.teacher_stage import any_checkpoint
-    from pe.models.slice_cnn import load_cnn
+    from pe.models.load import load_cnn
 
     cache = resolve_paths(load_cnn(any_checkpoint(cnn_exp), "cpu")[1])[0]
     index = load_index(cache)

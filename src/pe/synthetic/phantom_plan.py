@@ -273,10 +273,9 @@ def _host_slices(plan: StudyPlan, tube: Tube) -> list[int]:
 
 def _plan_emboli(plan: StudyPlan, rng: np.random.Generator, sides: dict[str, bool], chronicity: str,
                  embolus_scale: float = 1.0) -> None:
-    """Place emboli so that the location flags hold, each on >= 1 slice of its host vessel.
-    ``embolus_scale`` < 1 makes every PE embolus smaller (defect radius x scale) and shorter (its run
-    of slices cut to round(run x scale) >= 1 around its middle), after all random draws, so the random
-    stream and every other part of the study are those of scale 1."""
+    """Place emboli so that the location flags hold, each on >= 1 slice of its host vessel. ``embolus_scale``
+    < 1 shrinks every PE embolus (defect radius x scale; run of slices cut to round(run x scale) >= 1
+    around its middle) after all random draws, so everything else is as at scale 1."""
     by_level: dict[tuple[str, str], list[int]] = {}
     for i, tb in enumerate(plan.tubes):
         by_level.setdefault((tb.side, tb.level), []).append(i)

@@ -218,17 +218,10 @@ def _mm_per_unit(table: SliceTable, meta: pd.DataFrame, cfg: CNNConfig) -> np.nd
     return out
 
 
-def pretrain_landmarks(cfg: CNNConfig, landmarks: str | Path, val_frac: float = 0.2, stride: int = 2,
-                       resume: bool = True, device: str | None = None) -> dict[str, Any]:
-    """Train ``cfg``'s slice CNN on the landmark task; write the run folder (module docstring) and
-    return the summary. ``stride``: every stride-th slice of each study is a sample (neighbouring
-    slices give nearly the same targets). ``resume``: continue from ``last.pt`` when present."""
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    seed_everything(cfg.seed)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def _datasets(cfg: CNNConfig, landmarks: str | Path, val_frac: float, stride: int
+              ) -> tuple[dict[str, tuple], tuple[list[str], list[str]]]:
+    """Per part ("train", "val"): (dataset, targets, presence, mm per unit) of every stride-th slice of
+    the cached studies that have landmarks, split by :func:`split_studies`; and the two study lists."""
     cache, meta_path, _ = resolve_paths(cfg)
     meta = pd.read_parquet(meta_path)
     lm = read_landmarks(landmarks)
@@ -248,6 +241,21 @@ def pretrain_landmarks(cfg: CNNConfig, landmarks: str | Path, val_frac: float = 
         tgt, present = sample_targets(t, meta, points, cfg)
         data[k] = (SliceDataset(t, cfg, None, preload=cfg.preload, workers=max(1, cfg.num_workers)), tgt, present,
                    _mm_per_unit(t, meta, cfg))
+    return data, (train_ids, val_ids)
+
+
+def pretrain_landmarks(cfg: CNNConfig, landmarks: str | Path, val_frac: float = 0.2, stride: int = 2,
+                       resume: bool = True, device: str | None = None) -> dict[str, Any]:
+    """Train ``cfg``'s slice CNN on the landmark task; write the run folder (module docstring) and
+    return the summary. ``stride``: every stride-th slice of each study is a sample (neighbouring
+    slices give nearly the same targets). ``resume``: continue from ``last.pt`` when present."""
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    seed_everything(cfg.seed)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data, (train_ids, val_ids) = _datasets(cfg, landmarks, val_frac, stride)
     run = paths.models_dir() / cfg.name
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "config.yaml")

@@ -1,0 +1,31 @@
+"""Loading a stage-04 checkpoint as the model it was trained as: a :class:`pe.models.slice_cnn.SliceCNN`
+or, for an experiment with ``hop1_exp``, a :class:`pe.models.dual_hop.DualHop` (both hops are in its
+``best.pt``). Export, kernel, explainers and the localisation stages load CNNs through here."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pe.config import CNNConfig
+from pe.models.dual_hop import build_dual_hop
+from pe.models.slice_cnn import build_model, config_from_checkpoint
+from pe.train.core import load_checkpoint
+
+
+def load_cnn(checkpoint: Path, device: str = "cpu") -> tuple[nn.Module, CNNConfig]:
+    """Model (eval mode, on ``device``) and config from a checkpoint; ``"model"`` holds the weights
+    to predict with (the EMA weights when EMA was on)."""
+    p = Path(checkpoint)
+    ckpt = load_checkpoint(p, ("model", "config"), "CNN checkpoint")
+    cfg = config_from_checkpoint(ckpt, str(p))
+    # a dual-hop experiment is one model to export and the kernel: both hops inside
+    model = build_dual_hop(cfg, None, init_hop2_from_hop1=False) if cfg.hop1_exp else build_model(cfg)
+    model.load_state_dict({re.sub(r"^module\.", "", k): v for k, v in ckpt["model"].items()})
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval(), cfg
