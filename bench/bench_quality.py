@@ -102,6 +102,25 @@ def _call_script(st: Stage, log: TextIO) -> int:
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
+def config_fingerprints(cmd: Sequence[str]) -> dict[str, str]:
+    """SHA-256 (short) of every YAML file a stage command names: a resumed run must redo a stage
+    whose config file changed even when its command line did not."""
+    out = {}
+    for a in cmd:
+        if str(a).endswith((".yaml", ".yml")) and (REPO / a).is_file():
+            out[str(a)] = bm.fingerprint_text((REPO / a).read_text())
+    return out
+
+
+def _same_key(done: Path, key: dict) -> bool:
+    """Whether a run stage's marker records this command and these config contents."""
+    try:
+        old = json.loads(done.read_text())
+    except (OSError, ValueError):
+        return False
+    return old.get("cmd") == key["cmd"] and old.get("configs") == key["configs"]
+
+
 class Runner:
     """Runs stages as subprocesses with a weighted progress bar; records each wall time."""
 
@@ -112,6 +131,7 @@ class Runner:
         self.log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         self.seconds: dict[str, float] = {}
+        self.rerun: set[str] = set()  # run folders in which a stage ran again: later stages rerun too
         self.bar = tqdm(total=round(total, 1), desc="bench-quality", unit="cost", disable=quiet,
                         bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}] {postfix}")
 
@@ -121,10 +141,14 @@ class Runner:
         # data stages mark their shared folder; run stages mark the --out folder with their exact
         # command, so a rerun into the same --out resumes after the last finished stage
         done = st.done or self.log_dir / f"{safe}.done"
-        if done.exists() and (st.done is not None or json.loads(done.read_text()).get("cmd") == st.cmd):
+        key = {"cmd": st.cmd, "configs": config_fingerprints(st.cmd)}
+        run = st.name.split("/")[0] if "/" in st.name else None
+        if done.exists() and run not in self.rerun and (st.done is not None or _same_key(done, key)):
             self.seconds[st.name] = 0.0
             self.bar.update(COST[st.kind])
             return
+        if run is not None:  # everything after a rerun stage of this run folder reads its new outputs
+            self.rerun.add(run)
         log = self.log_dir / (safe + ".log")
         t0 = time.perf_counter()
         with open(log, "w") as f:
@@ -136,7 +160,7 @@ class Runner:
         if rc != 0:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
             raise RuntimeError(f"stage {st.name} failed (exit {rc}); {log}:\n{tail}")
-        done.write_text(json.dumps({"seconds": self.seconds[st.name], "cmd": st.cmd}))
+        done.write_text(json.dumps({"seconds": self.seconds[st.name], **key}))
         self.bar.update(COST[st.kind])
 
     def timed(self, name: str, kind: str, fn, *args, **kwargs):  # noqa: ANN001, ANN201

@@ -240,3 +240,31 @@ def test_benchmark_variants_that_build_on_other_runs_tiny(tmp_path: Path, monkey
         cfg = yaml.safe_load((models / "cnn" / "fold0" / "config.yaml").read_text())
         assert cfg["hop1_exp" if name == "dual_hop" else "init_from"] == made[0].split("/")[0]
         assert name in r["paired"] and math.isfinite(seed0["figures"]["score"]["estimate"])
+
+
+def test_resume_reruns_a_stage_whose_config_changed_and_everything_after_it(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage is skipped on resume only when its command and the contents of the YAML files it names
+    are unchanged; once a stage of a run folder runs again, the later stages of that folder do too."""
+    spec = importlib.util.spec_from_file_location("bench_quality", paths.REPO_ROOT / "bench" / "bench_quality.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_quality", mod)
+    spec.loader.exec_module(mod)
+    cfg = tmp_path / "member.yaml"
+    cfg.write_text("epochs: 2\n")
+    stages = [mod.Stage("run1/06", [sys.executable, "-c", "pass", str(cfg)], None, "06"),
+              mod.Stage("run1/07", [sys.executable, "-c", "pass"], None, "07"),
+              mod.Stage("run2/07", [sys.executable, "-c", "pass"], None, "07")]
+
+    def ran(change: bool = False) -> list[bool]:
+        if change:
+            cfg.write_text("epochs: 3\n")
+        runner = mod.Runner(tmp_path / "logs", total=10.0, quiet=True)
+        for st in stages:
+            runner.run(st)
+        return [runner.seconds[st.name] > 0 for st in stages]
+
+    assert ran() == [True, True, True]
+    assert ran() == [False, False, False]  # same commands, same config bytes: resumed
+    assert ran(change=True) == [True, True, False]  # the edited config, then what follows in its folder

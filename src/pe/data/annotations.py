@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from pe.data.slices import SliceTable, clip_box
+from pe.data.tables import read_table
 from pe.explain.pointing import boxes_mask, boxes_to_input_frame
 from pe.rspect import SOP, STUDY
 
@@ -38,12 +39,7 @@ BOX_COLUMNS = (SOP, "x", "y", "width", "height")
 def read_boxes(path: str | Path) -> pd.DataFrame:
     """The box CSV, validated: columns BOX_COLUMNS, numeric, width/height > 0."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: box annotation CSV not found")
-    df = pd.read_csv(p, dtype={SOP: str})
-    missing = [c for c in BOX_COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(f"{p}: missing column(s) {missing}; expected {list(BOX_COLUMNS)}")
+    df = read_table(p, BOX_COLUMNS)
     for c in BOX_COLUMNS[1:]:
         df[c] = pd.to_numeric(df[c], errors="coerce")
     bad = df[list(BOX_COLUMNS[1:])].isna().any(axis=1) | (df["width"] <= 0) | (df["height"] <= 0)

@@ -274,8 +274,7 @@ class StudyParts:
                 a = WeightedAUC(self.image_truth, self.image_prob)
                 self.extra[key] = lambda w: a(w[self.image_study])
             elif key == "study_pe_auc":
-                has_pe = np.bincount(self.image_study, weights=self.image_truth, minlength=self.n) > 0
-                det = self.exam_truth[:, _IND] < 0.5
+                has_pe, det = study_truth(self)
                 b = WeightedAUC(has_pe[det], 1.0 - self.exam_prob[det, _NEG])
                 self.extra[key] = lambda w: b(w[det])
             elif key.startswith("auc:"):

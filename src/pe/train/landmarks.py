@@ -33,11 +33,12 @@ import torch
 from torch import nn
 
 from pe import paths
-from pe.anatomy.landmarks import LANDMARKS, landmark_loss, landmark_targets
+from pe.anatomy.landmarks import LANDMARKS, Z_SCALE, landmark_loss, landmark_targets
 from pe.anatomy.roi import roi_mode
 from pe.config import CNNConfig, resolve_paths, save_config
 from pe.data.cache import load_boxes, load_index
 from pe.data.slices import SliceDataset, SliceTable, build_slice_table, clip_box, normalize
+from pe.data.tables import read_table
 from pe.io import write_json_atomic
 from pe.models.slice_cnn import build_model
 from pe.rspect import STUDY
@@ -58,12 +59,7 @@ def read_landmarks(path: str | Path, names: Sequence[str] = LANDMARKS) -> pd.Dat
     """The present rows of a landmark CSV (x, y in original pixels, slice_index in pipeline order);
     a clear error naming the file for a missing column or an unknown landmark name."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: landmark CSV not found")
-    df = pd.read_csv(p, dtype={STUDY: str})
-    missing = [c for c in LANDMARK_COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(f"{p}: missing column(s) {missing}; expected {list(LANDMARK_COLUMNS)}")
+    df = read_table(p, LANDMARK_COLUMNS)
     unknown = sorted(set(df["landmark"]) - set(names))
     if unknown:
         raise ValueError(f"{p}: unknown landmark(s) {unknown}; known: {list(names)}")
@@ -85,6 +81,14 @@ def study_points(lm: pd.DataFrame, names: Sequence[str] = LANDMARKS) -> dict[str
     return out
 
 
+def _crop_frame(table: SliceTable, code: int, cfg: CNNConfig) -> tuple[float, tuple[int, int, int, int] | None]:
+    """(cache image size, the clipped lung box the dataset crops to or None) of study ``code``: the
+    frame the model's input covers, as :func:`pe.data.slices.crop_resize` clips it."""
+    size = float(table.box_size[code]) if cfg.crop_lung and table.box_size[code] > 0 else 0.0
+    crop = table.box(code, int(size)) if size > 0 else None
+    return size, (clip_box(crop, int(size), int(size)) if crop is not None else None)
+
+
 def sample_targets(table: SliceTable, meta: pd.DataFrame, points: dict[str, np.ndarray], cfg: CNNConfig,
                    n_landmarks: int = len(LANDMARKS)) -> tuple[np.ndarray, np.ndarray]:
     """(targets (n, L, 3) float32, present (n, L) bool) of every sample of ``table``: landmark x, y
@@ -101,18 +105,20 @@ def sample_targets(table: SliceTable, meta: pd.DataFrame, points: dict[str, np.n
         if pts is None:
             continue
         rows, cols = (float(v) for v in shape.loc[study])
-        size = float(table.box_size[code]) if cfg.crop_lung and table.box_size[code] > 0 else 0.0
-        crop = table.box(code, int(size)) if size > 0 else None
-        frame = clip_box(crop, int(size), int(size)) if crop is not None else None
+        size, frame = _crop_frame(table, code, cfg)
         if frame is None:  # the whole image: normalised coordinates do not depend on the cache size
-            pix, box, w, h = pts, None, cols, rows
+            pix, w, h = pts, cols, rows
         else:
             pix = pts.copy()
             pix[:, 0] *= size / cols
             pix[:, 1] *= size / rows
-            box, w, h = frame, size, size
-        for i in np.flatnonzero(table.sample_study == code):
-            tgt[i], present[i] = landmark_targets(pix, int(table.sample_slice[i]), int(w), int(h), box)
+            w = h = size
+        # x, y do not depend on the sample; z is the landmark's slice minus the sample's centre
+        base, here = landmark_targets(pix, 0, int(w), int(h), frame)
+        idx = np.flatnonzero(table.sample_study == code)
+        tgt[idx] = base
+        tgt[np.ix_(idx, np.flatnonzero(here), [2])] -= (table.sample_slice[idx, None, None] / Z_SCALE).astype(np.float32)
+        present[idx] = here
     return tgt, present
 
 
@@ -199,22 +205,21 @@ def _evaluate(model: nn.Module, ds: SliceDataset, tgt: np.ndarray, present: np.n
 def _mm_per_unit(table: SliceTable, meta: pd.DataFrame, cfg: CNNConfig) -> np.ndarray:
     """(n, 3) mm per unit of the normalised target (x, y: crop width/height in mm; z: 600 slices)."""
     m = meta.drop_duplicates(STUDY).set_index(STUDY)
+    dz = meta.sort_values([STUDY, "z"]).groupby(STUDY)["z"].agg(
+        lambda z: float(np.median(np.diff(z.to_numpy(np.float64)))) if len(z) > 1 else 1.0)
     out = np.zeros((len(table), 3), np.float32)
     for code, study in enumerate(table.studies):
         r = m.loc[study]
         ps_r, ps_c = float(r["pixel_spacing_row"]), float(r["pixel_spacing_col"])
         rows, cols = float(r["rows"]), float(r["columns"])
-        size = float(table.box_size[code])
-        crop = table.box(code, int(size)) if cfg.crop_lung and size > 0 else None
-        frame = clip_box(crop, int(size), int(size)) if crop is not None else None
+        size, frame = _crop_frame(table, code, cfg)
         if frame is None:
             w_mm, h_mm = cols * ps_c, rows * ps_r
         else:
             w_mm = (frame[2] - frame[0]) * cols / size * ps_c
             h_mm = (frame[3] - frame[1]) * rows / size * ps_r
-        z = np.sort(meta.loc[meta[STUDY] == study, "z"].to_numpy(np.float64))
-        dz = float(np.median(np.diff(z))) if len(z) > 1 and np.isfinite(z).all() else 1.0
-        out[table.sample_study == code] = (w_mm, h_mm, dz * 600.0)
+        z = float(dz.get(study, 1.0))
+        out[table.sample_study == code] = (w_mm, h_mm, (z if np.isfinite(z) else 1.0) * Z_SCALE)
     return out
 
 
