@@ -141,13 +141,19 @@ def test_variants_inherit_from_the_baseline_and_bad_files_are_named(tmp_path: Pa
         bm.load_variant("bad2", tmp_path)
 
 
-@pytest.mark.slow
-def test_benchmark_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _bench_module(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN202
+    """bench/bench_quality.py as a module (registered in sys.modules: its dataclasses look it up)."""
     spec = importlib.util.spec_from_file_location("bench_quality", paths.REPO_ROOT / "bench" / "bench_quality.py")
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_quality", mod)  # its dataclasses look their module up
+    monkeypatch.setitem(sys.modules, "bench_quality", mod)
     spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = _bench_module(monkeypatch)
     out = tmp_path / "out"
     assert mod.main(["--tiny", "--in-process", "--quiet", "--seeds", "1", "--folds", "2", "--variants", "gru_only",
                      "--out", str(out), "--work-root", str(tmp_path / "wr"),
@@ -222,11 +228,7 @@ def test_ranking_figures_read_the_beliefs_and_the_metric_the_repaired_submission
 def test_benchmark_variants_that_build_on_other_runs_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """dual_hop (hop 1 trained first on every fold, then hop 2 on it) and pretrain_landmarks (stage 13
     once, then the CNN from its backbone) run through the benchmark at the tiny scale."""
-    spec = importlib.util.spec_from_file_location("bench_quality", paths.REPO_ROOT / "bench" / "bench_quality.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_quality", mod)
-    spec.loader.exec_module(mod)
+    mod = _bench_module(monkeypatch)
     out = tmp_path / "out"
     assert mod.main(["--tiny", "--in-process", "--quiet", "--seeds", "1", "--folds", "2", "--variants", "dual_hop",
                      "pretrain_landmarks", "--out", str(out), "--work-root", str(tmp_path / "wr"),
@@ -246,11 +248,7 @@ def test_resume_reruns_a_stage_whose_config_changed_and_everything_after_it(tmp_
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A stage is skipped on resume only when its command and the contents of the YAML files it names
     are unchanged; once a stage of a run folder runs again, the later stages of that folder do too."""
-    spec = importlib.util.spec_from_file_location("bench_quality", paths.REPO_ROOT / "bench" / "bench_quality.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_quality", mod)
-    spec.loader.exec_module(mod)
+    mod = _bench_module(monkeypatch)
     cfg = tmp_path / "member.yaml"
     cfg.write_text("epochs: 2\n")
     stages = [mod.Stage("run1/06", [sys.executable, "-c", "pass", str(cfg)], None, "06"),
