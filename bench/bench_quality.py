@@ -283,8 +283,9 @@ def cnn_stages(v: bm.Variant, args: argparse.Namespace, seed: int, run: Path, en
                                                           "--split", s, *(["--maps"] if maps else [])], env, "05")
            for s in ("train", "test")]
     if fit_export:  # each fold's CNN on its own training studies (train_embeddings: fold_model)
-        st.append(Stage(f"{run.name}/05_export_embeddings:train_fit", [PY, "src/05_export_embeddings.py", "--exp",
-                                                                       "cnn", "--split", "train_fit"], env, "05"))
+        st.append(Stage(f"{run.name}/05_export_embeddings:train_fit",
+                        [PY, "src/05_export_embeddings.py", "--exp", "cnn", "--split", "train_fit",
+                         *(["--maps"] if maps else [])], env, "05"))
     return st
 
 

@@ -283,6 +283,7 @@ class ConvLSTMSeqConfig:
     name: str = "seq_convlstm"
     model: str = "convlstm"  # the key src/06_train_sequence.py dispatches on
     cnn_exp: str = ""  # stage-1 experiment whose embeddings/maps are read; required to train
+    train_embeddings: str = "oof"  # oof | fold_model: whose maps fold k trains on (see SeqConfig)
     hidden: int = 96  # ConvLSTM filters (paper: 96)
     kernel: int = 3  # (paper: 3x3)
     units: int = 2  # ascending + descending ConvLSTM, then 2x2 max pooling (paper: 2)

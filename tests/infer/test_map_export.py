@@ -125,3 +125,42 @@ def test_map_export_resumes_and_discards_stale_maps(cnn_runs: dict[int, list[str
     export_fold(EXP, 0, "train", batch_size=16, maps=spec)
     after = _maps(0, s0)
     assert after.shape == before[s0].shape and not np.array_equal(after, before[s0])
+
+
+def test_fold_model_convlstm_trains_on_its_own_cnn_maps(cnn_runs: dict[int, list[str]]) -> None:
+    """train_embeddings=fold_model: fold 0's ConvLSTM reads fold 0's CNN's maps of fold 1's studies
+    (train_fit), not fold 1's CNN's (another feature basis); a train_fit export with another reduction or
+    with a study missing is refused."""
+    from pe.config import ConvLSTMSeqConfig
+    from pe.data.map_items import load_map_fold_data
+    from pe.data.tables import load_train_labels
+    from pe.infer.embeddings import export_fold
+    from pe.models.convlstm import MapReduction
+
+    spec = MapReduction(**SPEC)
+    for k in (0, 1):
+        export_fold(EXP, k, "train", batch_size=16, maps=spec)
+    export_fold(EXP, 0, "train_fit", batch_size=16, maps=spec)
+    labels = load_train_labels()
+    oof_cfg = ConvLSTMSeqConfig(name="t", cnn_exp=EXP, progress=False)
+    fit_cfg = ConvLSTMSeqConfig(name="t", cnn_exp=EXP, progress=False, train_embeddings="fold_model")
+    oof_train, val, _ = load_map_fold_data(oof_cfg, 0, labels)
+    fit_train, val2, _ = load_map_fold_data(fit_cfg, 0, labels)
+    assert [it.study for it in val] == [it.study for it in val2] == sorted(cnn_runs[0])
+    assert sorted(it.study for it in fit_train) == sorted(it.study for it in oof_train) == sorted(cnn_runs[1])
+    fit_dir = paths.embeddings_dir(EXP, 0, "train_fit") / "maps"
+    for it in fit_train:  # the maps of fold 0's CNN, which differ from fold 1's (other random weights)
+        np.testing.assert_array_equal(it.maps, np.load(fit_dir / f"{it.study}.npy"))
+        assert not np.array_equal(it.maps, _maps(1, it.study))
+    export_fold(EXP, 0, "train_fit", batch_size=16, maps=MapReduction(k=1, channels=8, seed=0, slab_every=1))
+    with pytest.raises(ValueError, match="reduction"):
+        load_map_fold_data(fit_cfg, 0, labels)
+    export_fold(EXP, 0, "train_fit", batch_size=16, maps=spec)
+    (fit_dir / f"{cnn_runs[1][0]}.npy").unlink()
+    idx = pd.read_parquet(fit_dir.parent / "index.parquet")
+    idx[idx[STUDY] != cnn_runs[1][0]].to_parquet(fit_dir.parent / "index.parquet")
+    with pytest.raises(ValueError, match="train_fit"):
+        load_map_fold_data(fit_cfg, 0, labels)
+    with pytest.raises(ValueError, match="train_embeddings"):
+        load_map_fold_data(ConvLSTMSeqConfig(name="t", cnn_exp=EXP, progress=False, train_embeddings="both"), 0,
+                           labels)

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from pe import paths
-from pe.data.seq_items import available_folds, read_embedding_index
+from pe.data.seq_items import available_folds, check_fit_studies, read_embedding_index, uses_fold_model
 from pe.models.convlstm import MapReduction, slab_rows
 from pe.models.seq_rnn import cnn_logits
 from pe.rspect import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY, is_valid_uid
@@ -107,7 +107,9 @@ def load_map_fold_data(cfg: Any, fold: int, labels: pd.DataFrame) -> tuple[list[
                                                                             MapReduction]:
     """(train studies = every fold != ``fold``, validation studies of ``fold``, the reduction), with the
     leak checks of the BiGRU stage: each study in one fold only, and in the fold the folds file names;
-    every fold's maps made with the same reduction."""
+    every fold's maps made with the same reduction. With ``train_embeddings: fold_model`` the training
+    studies' maps are fold ``fold``'s own CNN's (``--split train_fit --maps``): the maps of two CNNs, like
+    their embeddings, share no feature basis (the benchmark's lesson for the BiGRU stage)."""
     if not cfg.cnn_exp:
         raise ValueError(f"{cfg.name}: cnn_exp (the stage-1 experiment whose maps are read) is not set")
     folds = available_folds(cfg.cnn_exp, "train")
@@ -137,4 +139,10 @@ def load_map_fold_data(cfg: Any, fold: int, labels: pd.DataFrame) -> tuple[list[
             raise ValueError(f"{len(wrong)} studies are exported under a fold other than theirs in {fpath}, "
                              f"e.g. {wrong[:3]}: the maps would leak")
     train = [it for j in folds if j != fold for it in per_fold[j]]
+    if uses_fold_model(cfg):
+        fit, red = load_map_split(cfg.cnn_exp, fold, "train_fit", labels, cfg.progress)
+        if red != reductions[fold]:
+            raise ValueError(f"{paths.embeddings_dir(cfg.cnn_exp, fold, 'train_fit')}/maps: made with reduction "
+                             f"{red.to_json()}, the validation maps with {reductions[fold].to_json()}")
+        train = check_fit_studies(cfg, fold, train, fit)
     return train, per_fold[fold], reductions[fold]

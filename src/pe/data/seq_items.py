@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -141,15 +142,28 @@ def load_fold_data(cfg: SeqConfig, fold: int, labels: pd.DataFrame) -> tuple[lis
             raise ValueError(f"{len(wrong)} studies are embedded under a fold other than theirs in {fpath}, "
                              f"e.g. {wrong[:3]}: the embeddings would leak")
     train = [it for j in folds if j != fold for it in per_fold[j]]
-    if getattr(cfg, "train_embeddings", "oof") == "fold_model":
-        fit = load_split_studies(cfg.cnn_exp, fold, "train_fit", labels, cfg.progress)
-        want = {it.study for it in train}
-        got = {it.study for it in fit}
-        if got != want:
-            raise ValueError(f"{paths.embeddings_dir(cfg.cnn_exp, fold, 'train_fit')}: holds {len(got)} studies, the "
-                             f"training folds of fold {fold} have {len(want)} ({len(got - want)} extra, "
-                             f"{len(want - got)} missing); run 05_export_embeddings.py --split train_fit")
-        train = fit
-    elif getattr(cfg, "train_embeddings", "oof") != "oof":
-        raise ValueError(f"train_embeddings must be 'oof' or 'fold_model', got {cfg.train_embeddings!r}")
+    if uses_fold_model(cfg):
+        train = check_fit_studies(cfg, fold, train, load_split_studies(cfg.cnn_exp, fold, "train_fit", labels,
+                                                                       cfg.progress))
     return train, per_fold[fold]
+
+
+def uses_fold_model(cfg: Any) -> bool:
+    """Whether a stage-2 config trains fold k on fold k's own CNN export of its training studies
+    (``train_embeddings: fold_model``; ``oof``: the other folds' out-of-fold exports)."""
+    mode = getattr(cfg, "train_embeddings", "oof")
+    if mode not in ("oof", "fold_model"):
+        raise ValueError(f"train_embeddings must be 'oof' or 'fold_model', got {mode!r}")
+    return mode == "fold_model"
+
+
+def check_fit_studies(cfg: Any, fold: int, oof_train: list[Any], fit: list[Any]) -> list[Any]:
+    """``fit`` (fold ``fold``'s train_fit export) after checking it holds exactly the studies of the
+    training folds (``oof_train``): no validation study may leak in, none may be missing."""
+    want = {it.study for it in oof_train}
+    got = {it.study for it in fit}
+    if got != want:
+        raise ValueError(f"{paths.embeddings_dir(cfg.cnn_exp, fold, 'train_fit')}: holds {len(got)} studies, the "
+                         f"training folds of fold {fold} have {len(want)} ({len(got - want)} extra, "
+                         f"{len(want - got)} missing); run 05_export_embeddings.py --split train_fit")
+    return fit
