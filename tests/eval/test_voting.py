@@ -52,3 +52,39 @@ def test_bad_input() -> None:
         voting.fit_voting({"a": np.array([0.9])}, {})
     with pytest.raises(ValueError, match="positive"):
         voting.fit_voting({"a": np.array([0.9])}, {"a": 0})
+
+
+def test_voting_head_calibrates_its_calls_and_sets_the_exam_pe_row() -> None:
+    import pandas as pd
+
+    probs, labels = _studies(3, 0.5, n=60, seed=1)
+    noisy = dict(labels)
+    flipped = [s for s, v in labels.items() if v][:2]  # 2 called studies that are truly negative
+    for s in flipped:
+        noisy[s] = 0
+    head = voting.fit_voting_head(probs, noisy)
+    called = head.rule.predict(probs)
+    n_called = sum(called.values())
+    pos_called = sum(noisy[s] for s, c in called.items() if c)
+    pos_not = sum(noisy[s] for s, c in called.items() if not c)
+    assert head.n_studies == 60 and (head.mu, head.delta) == (head.rule.mu, head.rule.delta)
+    assert head.p_pe_called == pytest.approx((pos_called + 1) / (n_called + 2))
+    assert head.p_pe_not_called == pytest.approx((pos_not + 1) / (60 - n_called + 2))
+    assert head.p_pe_called > 0.8 > 0.2 > head.p_pe_not_called
+    assert voting.VotingHead.from_json(head.to_json()) == head
+    with pytest.raises(ValueError, match="kind"):
+        voting.VotingHead.from_json({**head.to_json(), "kind": "max"})
+    with pytest.raises(ValueError, match="out of range"):
+        voting.VotingHead.from_json({**head.to_json(), "p_pe_called": 1.0})
+    with pytest.raises(ValueError, match="malformed"):
+        voting.VotingHead.from_json({"kind": "voting", "mu": 2})
+    # the submission's negative_exam_for_pe becomes 1 - P(PE | call); every other row is kept
+    pred = pd.DataFrame({"id": ["img1", "s0_negative_exam_for_pe", "s0_rightsided_pe", "s1_negative_exam_for_pe"],
+                         "label": [0.3, 0.5, 0.4, 0.5]})
+    out = voting.apply_exam_pe(pred, head.p_pe({"s0": probs["s0"], "s1": probs["s1"]}))
+    want = {s: 1 - (head.p_pe_called if called[s] else head.p_pe_not_called) for s in ("s0", "s1")}
+    assert out["label"].tolist() == pytest.approx([0.3, want["s0"], 0.4, want["s1"]])
+    with pytest.raises(ValueError, match="no CNN slice probabilities"):
+        voting.apply_exam_pe(pred, {"s0": 0.5})
+    assert voting.study_pe_labels(pd.DataFrame({"StudyInstanceUID": ["a", "a", "b"],
+                                                "pe_present_on_image": [0, 1, 0]})) == {"a": 1, "b": 0}

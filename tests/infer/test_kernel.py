@@ -146,6 +146,47 @@ def test_kernel_without_jpeg_roundtrip_stays_within_jpeg_tolerance(chain: dict, 
     _assert_valid_and_consistent(tmp_path / "submission.csv", chain["data"])
 
 
+def test_voting_exam_pe_head_offline_and_in_the_kernel(chain: dict, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """07 --exam-pe-head voting: negative_exam_for_pe of the OOF rows comes from cross-fitted voting heads,
+    that of the test rows from the head fitted on every OOF study (stored in weights.json), the other
+    labels stay the blend's; the kernel, given that weights.json, reproduces 07's test predictions."""
+    from pe.eval.voting import VotingHead, probs_by_study
+
+    for k, v in chain["env"].items():
+        monkeypatch.setenv(k, str(v))
+    script_07 = REPO / "src" / "07_ensemble.py"
+    proc = subprocess.run([sys.executable, str(script_07), "--members", *SEQ_EXPS, "--out", "ens_vote",
+                           "--exam-pe-head", "voting"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ensemble + voting exam PE" in proc.stdout
+    vdir = chain["root"] / "oof" / "ens_vote"
+    spec = json.loads((vdir / "weights.json").read_text())
+    head = VotingHead.from_json(spec["exam_pe_head"])
+    assert spec["exam_pe_head"]["cnn_exp"] == CNN_EXP
+    plain_oof = pd.read_csv(chain["root"] / "oof" / ENS / "oof.csv", dtype={"id": str}).set_index("id")["label"]
+    oof = pd.read_csv(vdir / "oof.csv", dtype={"id": str}).set_index("id")["label"].reindex(plain_oof.index)
+    neg = plain_oof.index.str.endswith("_negative_exam_for_pe")
+    np.testing.assert_allclose(oof[~neg], plain_oof[~neg])  # only the exam PE rows change
+    assert oof[neg].nunique() <= 4  # one called / not-called value per fold's head
+    test = pd.read_csv(vdir / "test.csv", dtype={"id": str}).set_index("id")["label"]
+    idx = pd.concat([pd.read_parquet(chain["root"] / "work" / "embeddings" / CNN_EXP / f"fold{k}" / "test" /
+                                     "index.parquet") for k in (0, 1)])
+    mean = idx.groupby([rspect.STUDY, rspect.SOP], as_index=False)["prob"].mean()
+    for study, p in head.p_pe(probs_by_study(mean)).items():
+        assert test[f"{study}_negative_exam_for_pe"] == pytest.approx(1 - p)
+    summary = inference.run_inference(_kernel_cfg(chain, tmp_path, weights=vdir / "weights.json"))
+    got, want = _aligned(tmp_path / "raw.csv", vdir / "test.csv")
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert summary["fallback_level"] == 0
+    _assert_valid_and_consistent(tmp_path / "submission.csv", chain["data"])
+    broken = {**spec, "exam_pe_head": {**spec["exam_pe_head"], "cnn_exp": "elsewhere"}}
+    (tmp_path / "w.json").write_text(json.dumps(broken))
+    with pytest.raises(inference.InferenceError, match="elsewhere"):
+        inference.discover_models([chain["models"]], tmp_path / "w.json")
+
+
 def test_tiny_budget_falls_back_to_one_fold_and_still_submits(chain: dict, tmp_path: Path) -> None:
     summary = inference.run_inference(_kernel_cfg(chain, tmp_path, budget_hours=1e-7, probe_studies=1))
     used = list(summary["folds_used_per_study"].values())

@@ -20,7 +20,7 @@ from pe.eval import benchmark as bm
 from pe.eval import metric, submission
 from pe.eval.baselines import max_aggregation_predictions, prior_predictions
 from pe.eval.hierarchy import repair_long
-from pe.eval.voting import fit_voting, probs_by_study
+from pe.eval.voting import fit_voting, probs_by_study, study_pe_labels
 from pe.io import write_json_atomic, write_text_atomic
 from pe.rspect import SOP, STUDY
 
@@ -124,8 +124,7 @@ def voting_calls(run: Path, train_truth: pd.DataFrame, heldout: pd.DataFrame, sc
     if not files:
         return None
     oof = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-    pe_study = train_truth.groupby(STUDY)["pe_present_on_image"].max()
-    labels = {str(s): int(v > 0.5) for s, v in pe_study.items()}
+    labels = study_pe_labels(train_truth)
     probs = probs_by_study(oof)
     rule = fit_voting({s: p for s, p in probs.items() if s in labels}, labels)
     calls = rule.predict(probs_by_study(heldout))

@@ -46,6 +46,7 @@ from pe.eval.pred_files import (
     read_long,
     read_member_oof,
 )
+from pe.eval.voting import VotingHead, apply_exam_pe, fit_voting_head, probs_by_study, study_pe_labels
 from pe.ids import label_of_ids, match_ids, studies_of_ids
 from pe.io import write_csv_atomic, write_json_atomic
 
@@ -364,8 +365,10 @@ def format_stage_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 # --- the whole stage (src/07_ensemble.py) -------------------------------------------------------
 def stage_rows(fit: EnsembleFit, data: BlendData, truth: pd.DataFrame, oof_pred: pd.DataFrame,
-               cnn_oof: pd.DataFrame | None, cnn_exp: str | None) -> list[dict[str, Any]]:
-    """The demo's table: OOF metric per stage on the ensemble's studies (all from pe.eval.metric.score)."""
+               cnn_oof: pd.DataFrame | None, cnn_exp: str | None,
+               voted: tuple[pd.DataFrame, str] | None = None) -> list[dict[str, Any]]:
+    """The demo's table: OOF metric per stage on the ensemble's studies (all from pe.eval.metric.score).
+    ``voted``: the blend with the voting exam PE head and its note (the written oof.csv then)."""
     studies = pd.Index(pd.unique(data.study))
     ids_df = truth.loc[truth[rspect.STUDY].isin(studies), list(rspect.ID_COLUMNS)].reset_index(drop=True)
     rows: list[dict[str, Any]] = []
@@ -392,7 +395,11 @@ def stage_rows(fit: EnsembleFit, data: BlendData, truth: pd.DataFrame, oof_pred:
                  "note": "optimistic: weights fitted on the scored rows"})
     fitted = [g for g, s in fit.source.items() if s == "fitted"]
     rows.append({"stage": "ensemble cross-fitted", "oof_metric": fit.scores["final"],
-                 "note": f"written oof.csv; fitted groups: {','.join(fitted) or 'none'}"})
+                 "note": f"{'' if voted else 'written oof.csv; '}fitted groups: {','.join(fitted) or 'none'}"})
+    if voted is not None:
+        oof_pred = voted[0]
+        rows.append({"stage": "ensemble + voting exam PE", "oof_metric": score(oof_pred, truth),
+                     "note": f"written oof.csv; {voted[1]}"})
     repaired, report = repair_long(oof_pred, ids_df)
     n_broken = int(check_long(repaired, ids_df)[list(RULE_IDS)].to_numpy().sum())
     changed = summarize_repair(report)["exams_changed"]
@@ -401,9 +408,61 @@ def stage_rows(fit: EnsembleFit, data: BlendData, truth: pd.DataFrame, oof_pred:
     return rows
 
 
-def run_ensemble(members: Sequence[str], out: str, truth_path: str | Path, cnn_exp: str | None = None) -> dict[str, Any]:
+def voting_exam_pe(oof_pred: pd.DataFrame, data: BlendData, truth: pd.DataFrame, cnn_oof: pd.DataFrame | None,
+                   cnn_exp: str) -> tuple[pd.DataFrame, VotingHead, str]:
+    """The voting study head (papers/condrea2023 eqs. 1-2, :class:`pe.eval.voting.VotingHead`) as the
+    exam PE head of the blend: cross-fitted on the OOF rows (fold k's studies by a rule fitted on the
+    other folds' CNN OOF slice probabilities), and fitted on every OOF study for the test rows and the
+    kernel. Returns (OOF predictions with it, the full head, a note for the stage table)."""
+    if cnn_oof is None:
+        raise EnsembleError(f"the voting exam PE head needs the CNN's OOF slice probabilities "
+                            f"(oof/{cnn_exp}/cnn_fold<k>.parquet of 04_train_cnn.py)")
+    labels = study_pe_labels(truth)
+    probs = probs_by_study(cnn_oof)
+    fold_of = pd.Series(data.folds, index=data.study).groupby(level=0).first()
+    lacking = sorted(set(fold_of.index) - set(probs))
+    if lacking:
+        raise EnsembleError(f"oof/{cnn_exp}/cnn_fold<k>.parquet lacks {len(lacking)} of the ensemble's studies, "
+                            f"e.g. {lacking[:3]}")
+    p_pe: dict[str, float] = {}
+    for k in sorted(pd.unique(fold_of)):
+        inside = fold_of.index[fold_of == k]
+        others = set(fold_of.index) - set(inside)
+        head_k = fit_voting_head({s: p for s, p in probs.items() if s in others}, labels)
+        p_pe.update(head_k.p_pe({s: probs[s] for s in inside}))
+    voted = apply_exam_pe(oof_pred, p_pe)
+    head = fit_voting_head({s: p for s, p in probs.items() if s in set(fold_of.index)}, labels)
+    note = (f"{cnn_exp}: >= {head.mu} slices above {head.delta:.2f} -> P(PE) {head.p_pe_called:.2f}, "
+            f"else {head.p_pe_not_called:.2f} (cross-fitted)")
+    return voted, head, note
+
+
+def fold_averaged_test_probs(cnn_exp: str) -> dict[str, np.ndarray]:
+    """Study -> the CNN's test slice probabilities averaged over its fold models (stage 05's
+    ``embeddings/<cnn_exp>/fold<k>/test/index.parquet``), as the kernel averages them."""
+    from pe.data.seq_items import available_folds, read_embedding_index
+
+    folds = available_folds(cnn_exp, "test")
+    if not folds:
+        raise EnsembleError(f"work/embeddings/{cnn_exp}/fold<k>/test/index.parquet: none found (the voting "
+                            f"head's test predictions read the CNN's test probabilities; run 05 --split test)")
+    idx = pd.concat([read_embedding_index(paths.embeddings_dir(cnn_exp, k, "test") / "index.parquet")
+                     for k in folds], ignore_index=True)
+    mean = idx.groupby([rspect.STUDY, rspect.SOP], sort=False, as_index=False)["prob"].mean()
+    return probs_by_study(mean)
+
+
+EXAM_PE_HEADS = ("sequence", "voting")
+
+
+def run_ensemble(members: Sequence[str], out: str, truth_path: str | Path, cnn_exp: str | None = None,
+                 exam_pe_head: str = "sequence") -> dict[str, Any]:
     """Read members from ``oof/<exp>/``, fit, and write ``oof/<out>/{oof,test}.csv``, ``weights.json``
-    and ``stages.json``. Returns the stages dict (rows + scores)."""
+    and ``stages.json``. Returns the stages dict (rows + scores). ``exam_pe_head="voting"`` replaces the
+    blend's ``negative_exam_for_pe`` by the voting head (:func:`voting_exam_pe`), stored in
+    ``weights.json`` for the kernel."""
+    if exam_pe_head not in EXAM_PE_HEADS:
+        raise EnsembleError(f"exam PE head must be one of {EXAM_PE_HEADS}, got {exam_pe_head!r}")
     if len(set(members)) != len(members):
         raise EnsembleError(f"members named twice: {list(members)}")
     try:
@@ -420,7 +479,17 @@ def run_ensemble(members: Sequence[str], out: str, truth_path: str | Path, cnn_e
     test_pred = blend_long(test_members, spec)
     cnn_exp = cnn_exp or cnn_exp_of(members[0])
     cnn_oof = read_cnn_oof(cnn_exp) if cnn_exp else None
-    rows = stage_rows(fit, data, truth, oof_pred, cnn_oof, cnn_exp)
+    voted = None
+    if exam_pe_head == "voting":
+        if not cnn_exp:
+            raise EnsembleError("the voting exam PE head needs the CNN experiment: pass --cnn-exp")
+        voted_oof, head, note = voting_exam_pe(oof_pred, data, truth, cnn_oof, cnn_exp)
+        voted = (voted_oof, note)
+        spec["exam_pe_head"] = {**head.to_json(), "cnn_exp": cnn_exp}
+        test_pred = apply_exam_pe(test_pred, head.p_pe(fold_averaged_test_probs(cnn_exp)))
+    rows = stage_rows(fit, data, truth, oof_pred, cnn_oof, cnn_exp, voted)
+    if voted is not None:
+        oof_pred = voted[0]
     stages = {"rows": rows, "scores": fit.scores, "mode": fit.mode, "members": list(members),
               "n_studies": int(len(pd.unique(data.study))), "table": format_stage_table(rows)}
     write_csv_atomic(oof_pred, out_dir / "oof.csv")

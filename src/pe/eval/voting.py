@@ -98,3 +98,83 @@ def probs_by_study(frame: pd.DataFrame, study_col: str = "StudyInstanceUID", pro
         if c not in frame.columns:
             raise ValueError(f"per-slice table lacks column {c!r} (has {list(frame.columns)})")
     return {str(s): g[prob_col].to_numpy(np.float64) for s, g in frame.groupby(study_col, sort=True)}
+
+
+# --------------------------------------------------------------------------------------------
+# the voting rule as the exam PE head of a submission (issue 16, item 4)
+
+
+@dataclass(frozen=True)
+class VotingHead:
+    """The voting rule turned into a probability for the competition's log loss: a study called
+    positive gets P(PE exam | called) and one not called P(PE exam | not called), both Laplace-smoothed
+    frequencies (k + 1) / (n + 2) on the studies the rule was fitted on. The submission's
+    ``negative_exam_for_pe`` becomes 1 - that; the other exam labels stay the sequence stage's, and the
+    hierarchy repair (stage 08 / the kernel) makes them consistent with it."""
+
+    mu: int
+    delta: float
+    f1: float  # of the rule on the fitting studies
+    p_pe_called: float
+    p_pe_not_called: float
+    n_studies: int
+
+    @property
+    def rule(self) -> VotingRule:
+        return VotingRule(self.mu, self.delta, self.f1)
+
+    def p_pe(self, probs: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Study -> P(PE exam) from its slice probabilities."""
+        return {s: self.p_pe_called if c else self.p_pe_not_called for s, c in self.rule.predict(probs).items()}
+
+    def to_json(self) -> dict[str, float | int | str]:
+        return {"kind": "voting", **{f: getattr(self, f) for f in self.__dataclass_fields__}}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, object], where: str = "exam_pe_head") -> VotingHead:
+        if d.get("kind") != "voting":
+            raise ValueError(f"{where}: unknown exam PE head kind {d.get('kind')!r} (known: 'voting')")
+        try:
+            head = cls(int(d["mu"]), float(d["delta"]), float(d["f1"]), float(d["p_pe_called"]),  # type: ignore[arg-type]
+                       float(d["p_pe_not_called"]), int(d["n_studies"]))  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where}: malformed voting head {dict(d)}: {e}") from e
+        if head.mu < 1 or not 0 <= head.delta < 1 or not all(0 < p < 1 for p in (head.p_pe_called,
+                                                                                  head.p_pe_not_called)):
+            raise ValueError(f"{where}: voting head out of range: {dict(d)}")
+        return head
+
+
+def study_pe_labels(truth: pd.DataFrame) -> dict[str, int]:
+    """Study -> 1 when any of its images shows PE (``pe_present_on_image``), the label the rule is
+    fitted for (papers/condrea2023: a study is positive when it has a positive slice)."""
+    return {str(s): int(v > 0.5) for s, v in truth.groupby("StudyInstanceUID")["pe_present_on_image"].max().items()}
+
+
+def fit_voting_head(probs: Mapping[str, np.ndarray], labels: Mapping[str, int],
+                    deltas: Sequence[float] | np.ndarray = DEFAULT_DELTAS) -> VotingHead:
+    """Eq. 2's rule on ``probs`` / ``labels`` plus its two calibrated probabilities."""
+    probs = {s: p for s, p in probs.items() if s in labels}
+    rule = fit_voting(probs, labels, deltas)
+    called = rule.predict(probs)
+    c = np.array([called[s] for s in sorted(called)], dtype=bool)
+    y = np.array([int(labels[s]) for s in sorted(called)])
+    rate = [(int(y[m].sum()) + 1) / (int(m.sum()) + 2) for m in (c, ~c)]
+    return VotingHead(rule.mu, rule.delta, rule.f1, rate[0], rate[1], len(y))
+
+
+def apply_exam_pe(pred: pd.DataFrame, p_pe: Mapping[str, float]) -> pd.DataFrame:
+    """``pred`` (submission-shaped id,label) with ``<study>_negative_exam_for_pe`` = 1 - ``p_pe[study]``
+    (e.g. :meth:`VotingHead.p_pe`); a study of ``pred`` missing from ``p_pe`` is an error."""
+    from pe.ids import exam_row_id
+
+    neg_ids = {exam_row_id(s, "negative_exam_for_pe"): 1.0 - float(p) for s, p in p_pe.items()}
+    ids = pred["id"].astype(str)
+    is_neg = ids.str.endswith("_negative_exam_for_pe")
+    missing = sorted(set(ids[is_neg]) - set(neg_ids))
+    if missing:
+        raise ValueError(f"{len(missing)} studies have no CNN slice probabilities for the voting head, e.g. "
+                         f"{missing[:3]}")
+    out = pred.copy()
+    out.loc[is_neg, "label"] = ids[is_neg].map(neg_ids).to_numpy()
+    return out

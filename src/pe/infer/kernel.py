@@ -55,6 +55,7 @@ from tqdm import tqdm
 from pe import rspect
 from pe.anatomy.roi import roi_mode
 from pe.eval.ensemble import EnsembleError, blend_long, equal_spec, from_space, to_space
+from pe.eval.voting import VotingHead, apply_exam_pe
 from pe.ids import exam_row_id
 from pe.infer.studies import StudyImages, fallback_images, iter_studies, load_study, read_study_table
 from pe.rspect import EXAM_LABELS, SOP, STUDY
@@ -80,6 +81,7 @@ class ModelPlan:
     seq_cnn: dict[str, str]  # seq_exp -> the cnn_exp whose embeddings it reads
     folds: list[int]  # folds with a CNN and every sequence member
     spec: dict[str, Any]  # weights.json of stage 07 (or equal weights)
+    exam_pe_head: VotingHead | None = None  # weights.json "exam_pe_head" (07 --exam-pe-head voting)
 
     def describe(self) -> str:
         lines = [f"folds: {self.folds}"]
@@ -88,6 +90,10 @@ class ModelPlan:
         lines.append(f"blend: {self.spec['mode']} averaging, "
                      + ", ".join(f"{g}: {'/'.join(f'{w:.2f}' for w in gs['weights'].values())}"
                                  for g, gs in self.spec["groups"].items()))
+        if self.exam_pe_head is not None:
+            h = self.exam_pe_head
+            lines.append(f"exam PE head: voting on {self.spec['exam_pe_head']['cnn_exp']} (>= {h.mu} slices above "
+                         f"{h.delta:.2f}: P(PE) {h.p_pe_called:.3f}, else {h.p_pe_not_called:.3f})")
         return "\n".join(lines)
 
 
@@ -164,12 +170,22 @@ def discover_models(models: Sequence[str | Path], weights: str | Path | None = N
     if absent:
         raise InferenceError(f"CNN experiment(s) {absent} (read by {members}) not found in the model folders")
     cnn = {c: cnn[c] for c in need_cnn}
+    head = None
+    if spec is not None and spec.get("exam_pe_head") is not None:
+        try:
+            head = VotingHead.from_json(spec["exam_pe_head"], f"{weights}: exam_pe_head")
+        except ValueError as e:
+            raise InferenceError(str(e)) from e
+        if spec["exam_pe_head"].get("cnn_exp") not in cnn:
+            raise InferenceError(f"{weights}: the voting exam PE head reads CNN experiment "
+                                 f"{spec['exam_pe_head'].get('cnn_exp')!r}, not among {sorted(cnn)}")
     fold_sets = [set(f) for f in (*cnn.values(), *seq.values())]
     folds = sorted(set.intersection(*fold_sets))
     if not folds:
         raise InferenceError("no fold has both its CNN and every sequence model: "
                              + "; ".join(f"{e}: {sorted(f)}" for e, f in {**cnn, **seq}.items()))
-    return ModelPlan(cnn=cnn, seq=seq, seq_cnn=seq_cnn, folds=folds, spec=spec or equal_spec(members))
+    return ModelPlan(cnn=cnn, seq=seq, seq_cnn=seq_cnn, folds=folds, spec=spec or equal_spec(members),
+                     exam_pe_head=head)
 
 
 def fold_levels(folds: Sequence[int]) -> list[list[int]]:
@@ -322,14 +338,17 @@ def _read_inputs(cfg: InferenceConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.D
     return ids_df, meta, problems
 
 
-def _predict_study(models: _Models, item: StudyImages, folds: list[int], batch_size: int) -> dict[str, pd.DataFrame]:
-    """Per sequence member: the study's image and exam predictions averaged over ``folds``."""
+def _predict_study(models: _Models, item: StudyImages, folds: list[int], batch_size: int
+                   ) -> tuple[dict[str, pd.DataFrame], dict[str, np.ndarray]]:
+    """Per sequence member: the study's image and exam predictions averaged over ``folds``; and per CNN
+    experiment its slice probabilities averaged over ``folds`` (read by a voting exam PE head)."""
     from pe.anatomy.roi_crop import infer_cropped
     from pe.models.convlstm import ConvLSTMMember, MapCapture, predict_study_maps
     from pe.models.seq_rnn import predict_study
 
     plan, mode = models.plan, models.plan.spec["mode"]
     acc = {s: [np.zeros(len(item.sops)), np.zeros(len(EXAM_LABELS)), 0] for s in plan.seq}
+    cnn_probs = {e: np.zeros(len(item.sops)) for e in plan.cnn}
     for k in folds:
         for cnn_exp in plan.cnn:
             model, ccfg = models.cnn[(cnn_exp, k)]
@@ -345,6 +364,7 @@ def _predict_study(models: _Models, item: StudyImages, folds: list[int], batch_s
             # and the sequence models were trained on those: round the same way.
             emb16 = np.asarray(emb, dtype=np.float16)
             p32 = np.asarray(probs, dtype=np.float32)
+            cnn_probs[cnn_exp] += p32 / len(folds)
             for s in members:
                 smodel, scfg = models.seq[(s, k)]
                 ip, ep = (predict_study_maps(smodel, cap.maps(s), p32) if s in conv
@@ -353,9 +373,9 @@ def _predict_study(models: _Models, item: StudyImages, folds: list[int], batch_s
                 acc[s][1] += to_space(ep, mode)
                 acc[s][2] += 1
     exam_ids = [exam_row_id(item.study, lab) for lab in EXAM_LABELS]
-    return {s: pd.DataFrame({"id": [*item.sops, *exam_ids],
-                             "label": np.clip(from_space(np.concatenate([i, e]) / n, mode), 0.0, 1.0)})
-            for s, (i, e, n) in acc.items()}
+    return ({s: pd.DataFrame({"id": [*item.sops, *exam_ids],
+                              "label": np.clip(from_space(np.concatenate([i, e]) / n, mode), 0.0, 1.0)})
+             for s, (i, e, n) in acc.items()}, cnn_probs)
 
 
 @dataclasses.dataclass
@@ -363,6 +383,7 @@ class _Run:
     """What the study loop produced."""
 
     members: dict[str, list[pd.DataFrame]]
+    cnn_probs: dict[str, np.ndarray]  # study -> fold-averaged slice probabilities of the exam PE head's CNN
     folds_used: dict[str, int]
     failed: list[str]  # studies with no decodable slice
     undecodable: dict[str, str]  # SOPInstanceUID -> decode error
@@ -375,7 +396,8 @@ def _run_studies(cfg: InferenceConfig, models: _Models, meta: pd.DataFrame, log:
     jobs = [(study, g[SOP].tolist(), g["path"].tolist(), models.size, models.quality, roi)
             for study, g in meta.groupby(STUDY, sort=False)]
     budget = _Budget(cfg.budget_hours * 3600, len(meta), fold_levels(models.plan.folds), cfg.probe_studies, t_start)
-    run = _Run({s: [] for s in models.plan.seq}, {}, [], {}, budget)
+    run = _Run({s: [] for s in models.plan.seq}, {}, {}, [], {}, budget)
+    head_cnn = (models.plan.spec["exam_pe_head"]["cnn_exp"] if models.plan.exam_pe_head is not None else None)
     bar = tqdm(total=len(jobs), desc="studies", unit="study", disable=not cfg.progress, smoothing=0.1)
     t_prev = time.perf_counter()
     for item in iter_studies(jobs, cfg.workers, cfg.prefetch or cfg.workers + 1):
@@ -388,8 +410,11 @@ def _run_studies(cfg: InferenceConfig, models: _Models, meta: pd.DataFrame, log:
             run.failed.append(item.study)
         else:
             t_model = time.perf_counter()
-            for s, rows in _predict_study(models, item, folds, cfg.batch_size).items():
+            member_rows, cnn_probs = _predict_study(models, item, folds, cfg.batch_size)
+            for s, rows in member_rows.items():
                 run.members[s].append(rows)
+            if head_cnn is not None:
+                run.cnn_probs[item.study] = cnn_probs[head_cnn]
             model_s = time.perf_counter() - t_model
             run.folds_used[item.study] = len(folds)
         now = time.perf_counter()
@@ -412,6 +437,9 @@ def _assemble(cfg: InferenceConfig, run: _Run, spec: dict[str, Any], ids_df: pd.
         pred = blend_long(members, spec) if len(next(iter(members.values()))) else members[next(iter(members))]
     except EnsembleError as e:
         raise InferenceError(f"blending the members failed: {e}") from e
+    head = VotingHead.from_json(spec["exam_pe_head"]) if spec.get("exam_pe_head") is not None else None
+    if head is not None and len(pred):  # the voting study head gives negative_exam_for_pe (07 --exam-pe-head)
+        pred = apply_exam_pe(pred, head.p_pe(run.cnn_probs))
     failed = sorted(set(run.failed) | (set(ids_df[STUDY]) - set(meta[STUDY])))
     if failed:
         log(f"{len(failed)} studies could not be decoded or had no DICOMs: prior predictions for them")
