@@ -301,7 +301,9 @@ def seq_stages(v: bm.Variant, args: argparse.Namespace, seed: int, run: Path, en
                      [PY, "src/06_train_sequence.py", "--config", m.config, "--fold", str(k), "--no-summary", *over],
                      env, "06") for k in range(args.folds)]
     st.append(Stage(f"{run.name}/07_ensemble:{v.name}", [PY, "src/07_ensemble.py", "--members", *members,
-                                                         "--out", f"ens_{v.name}", "--cnn-exp", "cnn"], env, "07"))
+                                                         "--out", f"ens_{v.name}", "--cnn-exp", "cnn",
+                                                         *(["--exam-pe-head", v.exam_pe_head]
+                                                           if v.exam_pe_head != "sequence" else [])], env, "07"))
     st.append(Stage(f"{run.name}/08_make_submission:{v.name}",
                     [PY, "src/08_make_submission.py", "--pred", str(run / "oof" / f"ens_{v.name}" / "test.csv"),
                      "--test", str(data / "test.csv"), "--out", str(pred_csv)], env, "08"))

@@ -122,12 +122,17 @@ def test_variants_inherit_from_the_baseline_and_bad_files_are_named(tmp_path: Pa
     gru = bm.load_variant("gru_only")
     assert gru.cnn == base.cnn and gru.cnn_key() == base.cnn_key() and len(gru.seq) == 1
     assert bm.load_variant("cnn_maxpool").cnn_key() != base.cnn_key()
+    vote = bm.load_variant("voting_head")
+    assert (base.exam_pe_head, vote.exam_pe_head) == ("sequence", "voting") and vote.seq == base.seq
     (tmp_path / "baseline.yaml").write_text((bm.BENCH_CONFIGS / "baseline.yaml").read_text())
     (tmp_path / "bad.yaml").write_text("sequence: []\n")
     with pytest.raises(bm.BenchError, match=r"bad\.yaml: unknown key"):
         bm.load_variant("bad", tmp_path)
     with pytest.raises(bm.BenchError, match="no such variant"):
         bm.load_variant("nope", tmp_path)
+    (tmp_path / "badhead.yaml").write_text("exam_pe_head: max\n")
+    with pytest.raises(bm.BenchError, match=r"badhead\.yaml: exam_pe_head"):
+        bm.load_variant("badhead", tmp_path)
     # runs a CNN builds on ("before"): part of its key; variants without them keep their old key
     text = (paths.REPO_ROOT / base.cnn.config).read_text() + "\n" + "\n".join(base.cnn.overrides)
     assert base.cnn_key() == hashlib.sha256(text.encode()).hexdigest()[:10] and base.before == ()
@@ -156,7 +161,7 @@ def test_benchmark_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     mod = _bench_module(monkeypatch)
     out = tmp_path / "out"
     assert mod.main(["--tiny", "--in-process", "--quiet", "--seeds", "1", "--folds", "2", "--variants", "gru_only",
-                     "--out", str(out), "--work-root", str(tmp_path / "wr"),
+                     "voting_head", "--out", str(out), "--work-root", str(tmp_path / "wr"),
                      "--phantom-dir", str(tmp_path / "phantom")]) == 0
     r = json.loads((out / "results.json").read_text())
     truth = read_truth(tmp_path / "phantom" / "phantom_test_labels.csv")
@@ -186,6 +191,12 @@ def test_benchmark_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert "vote_call:f1" in seed0["figures"]
         lo, est, hi = (seed0["figures"]["score"][k] for k in ("low", "estimate", "high"))
         assert lo <= est <= hi
+    # the voting head gives the exam PE rows: one probability per call (called / not called)
+    seed0 = r["variants"]["voting_head"]["seeds"]["0"]
+    raw = read_submission(seed0["predictions_before_repair"])
+    spec = json.loads((out / "runs" / seed0["run"] / "oof" / "ens_voting_head" / "weights.json").read_text())
+    neg = raw.loc[raw["id"].str.endswith("_negative_exam_for_pe"), "label"]
+    assert set(neg.round(12)) <= {round(1 - spec["exam_pe_head"][k], 12) for k in ("p_pe_called", "p_pe_not_called")}
     d = r["paired"]["gru_only"]["score"]["estimate"]
     assert d == pytest.approx(r["variants"]["gru_only"]["mean"]["score"]["estimate"]
                               - r["variants"]["baseline"]["mean"]["score"]["estimate"], abs=1e-12)

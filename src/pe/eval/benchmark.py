@@ -84,11 +84,12 @@ class Variant:
     seq: tuple[StageSpec, ...]
     source: str
     before: tuple[PreStage, ...] = ()
+    exam_pe_head: str = "sequence"  # stage 07 --exam-pe-head: sequence | voting
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "source": self.source,
                 "cnn": {**self.cnn.as_dict(), "before": [b.as_dict() for b in self.before]},
-                "seq": [s.as_dict() for s in self.seq]}
+                "seq": [s.as_dict() for s in self.seq], "exam_pe_head": self.exam_pe_head}
 
     def cnn_key(self, extra: Sequence[str] = ()) -> str:
         """Variants whose stage 1 is identical (config bytes + overrides, and the runs it builds on)
@@ -143,9 +144,9 @@ def load_variant(name: str, configs_dir: Path = BENCH_CONFIGS, _seen: tuple[str,
         raise BenchError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(raw, dict):
         raise BenchError(f"{path}: expected a mapping at the top level")
-    unknown = sorted(set(raw) - {"description", "extends", "cnn", "seq"})
+    unknown = sorted(set(raw) - {"description", "extends", "cnn", "seq", "exam_pe_head"})
     if unknown:
-        raise BenchError(f"{path}: unknown key(s) {unknown}; known: cnn, seq, extends, description")
+        raise BenchError(f"{path}: unknown key(s) {unknown}; known: cnn, seq, exam_pe_head, extends, description")
     parent_name = raw.get("extends", None if name == "baseline" else "baseline")
     if parent_name in (*_seen, name):
         raise BenchError(f"{path}: 'extends' makes a cycle through {parent_name}")
@@ -167,8 +168,11 @@ def load_variant(name: str, configs_dir: Path = BENCH_CONFIGS, _seen: tuple[str,
         seq = parent.seq
     else:
         raise BenchError(f"{path}: needs 'seq' members (or 'extends')")
+    head = str(raw.get("exam_pe_head", parent.exam_pe_head if parent is not None else "sequence"))
+    if head not in ("sequence", "voting"):
+        raise BenchError(f"{path}: exam_pe_head must be 'sequence' or 'voting', got {head!r}")
     return Variant(name, str(raw.get("description", "")), cnn, seq, str(path.relative_to(paths.REPO_ROOT))
-                   if path.is_relative_to(paths.REPO_ROOT) else str(path), before)
+                   if path.is_relative_to(paths.REPO_ROOT) else str(path), before, head)
 
 
 # ------------------------------------------------------------------------------------------------
