@@ -98,9 +98,14 @@ def experiments_of_ensemble(name: str) -> tuple[Path, list[str]]:
 
 
 def build_models(out: Path, user: str, license_name: str, experiments: list[str], folds: list[int] | None,
-                 weights: Path | None) -> Path:
+                 weights: Path | None, student: Path | None = None) -> Path:
     dest = out / MODELS_SLUG
     dest.mkdir(parents=True)
+    if student is not None:  # the notebook passes student/model.pt to the kernel's --student
+        if not student.is_file():
+            raise SystemExit(f"{student}: no such student checkpoint (src/12_train_student.py writes model.pt)")
+        (dest / "student").mkdir()
+        shutil.copy2(student, dest / "student" / "model.pt")
     for exp in experiments:
         src_exp = Path(exp) if Path(exp).is_dir() else paths.models_dir() / exp
         runs = sorted(p.parent for p in src_exp.glob("fold*/best.pt"))
@@ -222,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="*", default=[], help="experiment names under work/models/ (or folders)")
     ap.add_argument("--ensemble", default=None, help="ensemble name: its weights.json and all its experiments")
     ap.add_argument("--folds", type=int, nargs="*", default=None, help="only these folds (default: all)")
+    ap.add_argument("--student", type=Path, default=None,
+                    help="model.pt of the localisation student (work/localize/<exp>/student/): shipped as "
+                         "student/model.pt; the notebook then writes localization.csv")
     ap.add_argument("--out", type=Path, default=KERNELS / "build")
     ap.add_argument("--license", default="CC0-1.0", help="license name in dataset-metadata.json")
     ap.add_argument("--wheels", action=argparse.BooleanOptionalAction, default=True,
@@ -240,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         weights, needed = experiments_of_ensemble(args.ensemble)
         experiments = list(dict.fromkeys([*experiments, *needed]))
     if experiments:
-        built.append(build_models(out, args.user, args.license, experiments, args.folds, weights))
+        built.append(build_models(out, args.user, args.license, experiments, args.folds, weights, args.student))
     if args.wheels:
         built.append(build_wheels(out, args.user, args.license, args.python_version, args.platform, args.packages))
     built.append(build_kernel(out, args.user))

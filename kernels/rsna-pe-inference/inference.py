@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--student", type=Path, default=None,
+                    help="model.pt of the localisation student (src/12_train_student.py): also write its PE clusters")
+    ap.add_argument("--localization-out", type=Path, default=None,
+                    help="CSV of the student's clusters (default: localization.csv next to --out)")
     args = ap.parse_args(argv)
     if args.data_dir is None:
         ap.error("--data-dir is required outside Kaggle")
@@ -87,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         data_dir=args.data_dir, models=list(args.models), out=args.out, weights=args.weights, split=args.split,
         jpeg_roundtrip=args.jpeg_roundtrip, jpeg_quality=args.jpeg_quality, image_size=args.image_size,
         budget_hours=args.budget_hours, probe_studies=args.probe_studies, workers=args.workers,
-        batch_size=args.batch_size, device=args.device, raw_out=args.raw_out, progress=not args.no_progress)
+        batch_size=args.batch_size, device=args.device, raw_out=args.raw_out, progress=not args.no_progress,
+        student=args.student, localization_out=args.localization_out)
     print(f"pe package: {PE_SRC}")
     try:
         summary = run_inference(cfg)

@@ -187,6 +187,55 @@ def test_voting_exam_pe_head_offline_and_in_the_kernel(chain: dict, tmp_path: Pa
         inference.discover_models([chain["models"]], tmp_path / "w.json")
 
 
+def test_kernel_writes_the_localisation_students_clusters(chain: dict, phantom_cache: Path, tmp_path: Path) -> None:
+    """--student: the kernel also writes localization.csv, the stage-12 student's clusters of every study
+    computed from its own decoded slices, equal to the student run on the cache (stage 12's input)."""
+    import dataclasses
+
+    import torch
+
+    from pe.data.cache import load_study_images
+    from pe.localize.frames import pe_window
+    from pe.localize.student import StudentConfig, predict_volume
+    from pe.localize.student_stage import StudentStageConfig
+    from pe.localize.teacher_stage import CLUSTER_COLUMNS, study_clusters
+    from pe.models.seg3d import Seg3DConfig, build_seg3d
+
+    torch.manual_seed(0)
+    seg = Seg3DConfig()
+    model = build_seg3d(seg).eval()
+    studies = sorted(pd.read_csv(chain["data"] / "test.csv", dtype=str)[rspect.STUDY].unique())
+    vols = {s: pe_window(load_study_images(phantom_cache, s)) for s in studies}
+    cfg = StudentConfig(crop_zyx=(8, 64, 64))
+    # an untrained student: thresholds at its own upper quantiles, so that there are clusters to compare
+    prob = predict_volume(model, vols[studies[0]], cfg)
+    cfg = dataclasses.replace(cfg, high=float(np.quantile(prob, 0.995)), low=float(np.quantile(prob, 0.98)))
+    ckpt = tmp_path / "model.pt"
+    torch.save({"model": model.state_dict(), "config": {"student": dataclasses.asdict(cfg),
+                                                         "seg": dataclasses.asdict(seg)}}, ckpt)
+    from pe.localize.student import predict_clusters
+
+    flt = StudentStageConfig().cluster_filter(128)
+    want = pd.concat([study_clusters(s, *predict_clusters(model, v, cfg, flt),
+                                     pd.read_parquet(phantom_cache / "index.parquet").query(
+                                         "StudyInstanceUID == @s").sort_values("slice_index")
+                                     ["SOPInstanceUID"].astype(str).tolist()) for s, v in vols.items()],
+                     ignore_index=True)
+    assert len(want) > 0
+    summary = inference.run_inference(_kernel_cfg(chain, tmp_path, student=ckpt))
+    got = pd.read_csv(tmp_path / "localization.csv", dtype={rspect.STUDY: str, "sop_first": str, "sop_last": str})
+    assert list(got.columns) == CLUSTER_COLUMNS
+    assert summary["localization"]["clusters"] == len(got) == len(want)
+    key = [rspect.STUDY, "cluster"]
+    got, want = got.sort_values(key).reset_index(drop=True), want.sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got.drop(columns=["score_max", "score_mean"]),
+                                  want.drop(columns=["score_max", "score_mean"]), check_dtype=False)
+    np.testing.assert_allclose(got[["score_max", "score_mean"]], want[["score_max", "score_mean"]], atol=1e-4)
+    _assert_valid_and_consistent(tmp_path / "submission.csv", chain["data"])
+    with pytest.raises(inference.InferenceError, match="localisation student"):
+        inference.run_inference(_kernel_cfg(chain, tmp_path, student=tmp_path / "nothing.pt"))
+
+
 def test_tiny_budget_falls_back_to_one_fold_and_still_submits(chain: dict, tmp_path: Path) -> None:
     summary = inference.run_inference(_kernel_cfg(chain, tmp_path, budget_hours=1e-7, probe_studies=1))
     used = list(summary["folds_used_per_study"].values())
@@ -225,8 +274,10 @@ def test_make_kaggle_dataset_writes_metadata(chain: dict, tmp_path: Path, monkey
     mod = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(mod)
+    student = tmp_path / "some_student.pt"
+    student.write_bytes(b"checkpoint bytes")
     assert mod.main(["--out", str(tmp_path), "--ensemble", ENS, "--user", "alice", "--folds", "0",
-                     "--no-wheels"]) == 0
+                     "--no-wheels", "--student", str(student)]) == 0
     code = json.loads((tmp_path / "rsna-pe-src" / "dataset-metadata.json").read_text())
     assert code["id"] == "alice/rsna-pe-src" and code["title"] and code["licenses"]
     for rel in ("infer/kernel.py", "infer/studies.py"):
@@ -237,6 +288,7 @@ def test_make_kaggle_dataset_writes_metadata(chain: dict, tmp_path: Path, monkey
     assert runs == sorted(f"{e}/fold0" for e in (CNN_EXP, *SEQ_EXPS))
     assert all((models / r / "config.yaml").is_file() for r in runs)
     assert (models / "weights.json").read_text() == chain["weights"].read_text()
+    assert (models / "student" / "model.pt").read_bytes() == b"checkpoint bytes"
     kmeta = json.loads((tmp_path / "rsna-pe-inference" / "kernel-metadata.json").read_text())
     assert kmeta["id"] == "alice/rsna-pe-inference" and kmeta["language"] == "python"
     assert kmeta["enable_gpu"] is True and kmeta["enable_internet"] is False
@@ -249,6 +301,10 @@ def test_make_kaggle_dataset_writes_metadata(chain: dict, tmp_path: Path, monkey
     code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
     first = [next(i for i, c in enumerate(code) if name in c) for name in ("install_wheels.py", "inference.py")]
     assert first[0] < first[1]  # the offline install runs before the inference
+    assert "'--student'" in code[first[1]] and "student/model.pt" in code[first[1]]
+    with pytest.raises(SystemExit, match="no such student"):
+        mod.main(["--out", str(tmp_path / "again"), "--ensemble", ENS, "--no-wheels", "--student",
+                  str(tmp_path / "missing.pt")])
 
 
 def test_load_study_matches_cache_and_replaces_broken_slices(phantom_meta: dict[str, Path], phantom_cache: Path,

@@ -217,6 +217,10 @@ class InferenceConfig:
     raw_out: Path | None = None  # also write the blended predictions before the repair
     work_dir: Path | None = None  # where the parsed headers go (default: a temporary folder)
     progress: bool = True
+    # The 3D segmentation student of stage 12 (work/localize/<exp>/student/model.pt): with it the kernel
+    # also writes its predicted PE clusters per study (condrea2024), by default localization.csv next to out
+    student: Path | None = None
+    localization_out: Path | None = None
 
 
 def cache_size_of(cnn_cfg: Any) -> int:
@@ -293,6 +297,7 @@ class _Models:
     device: torch.device
     size: int  # input side in pixels
     quality: int | None  # JPEG round-trip quality, None = off
+    student: Any = None  # (model, StudentConfig, ClusterFilter) of the localisation student, or None
 
 
 def _load_models(cfg: InferenceConfig, log: Any) -> _Models:
@@ -319,7 +324,30 @@ def _load_models(cfg: InferenceConfig, log: Any) -> _Models:
     size = cfg.image_size or sizes.pop()
     quality = cfg.jpeg_quality if cfg.jpeg_roundtrip else None
     log(f"input: {size}px 3-window slices, JPEG round trip {'q' + str(quality) if quality else 'off'}, device {device}")
-    return _Models(plan, cnn, seq, device, size, quality)
+    student = None
+    if cfg.student is not None:
+        from pe.localize.student_stage import StudentStageConfig, load_student
+
+        try:
+            smodel, scfg, _ = load_student(Path(cfg.student))
+        except Exception as e:
+            raise InferenceError(f"{cfg.student}: cannot load the localisation student ({type(e).__name__}: {e})") from e
+        scfg = dataclasses.replace(scfg, device=str(device))
+        student = (smodel.to(device), scfg, StudentStageConfig().cluster_filter(size))
+        log(f"localisation: student {cfg.student} (sliding window {scfg.crop_zyx})")
+    return _Models(plan, cnn, seq, device, size, quality, student)
+
+
+def localize_study(student: Any, item: StudyImages) -> pd.DataFrame:
+    """The student's PE clusters of one study (stage 12's columns, pe.localize.teacher_stage.CLUSTER_COLUMNS):
+    its PE-window volume from the decoded 3-window slices, as stage 12 builds it from the cache."""
+    from pe.localize.frames import pe_window
+    from pe.localize.student import predict_clusters
+    from pe.localize.teacher_stage import study_clusters
+
+    model, scfg, flt = student
+    labels, prob = predict_clusters(model, pe_window(item.images), scfg, flt)
+    return study_clusters(item.study, labels, prob, list(item.sops))
 
 
 def _read_inputs(cfg: InferenceConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -384,6 +412,7 @@ class _Run:
 
     members: dict[str, list[pd.DataFrame]]
     cnn_probs: dict[str, np.ndarray]  # study -> fold-averaged slice probabilities of the exam PE head's CNN
+    clusters: list[pd.DataFrame]  # the localisation student's clusters per study (with a student)
     folds_used: dict[str, int]
     failed: list[str]  # studies with no decodable slice
     undecodable: dict[str, str]  # SOPInstanceUID -> decode error
@@ -396,7 +425,7 @@ def _run_studies(cfg: InferenceConfig, models: _Models, meta: pd.DataFrame, log:
     jobs = [(study, g[SOP].tolist(), g["path"].tolist(), models.size, models.quality, roi)
             for study, g in meta.groupby(STUDY, sort=False)]
     budget = _Budget(cfg.budget_hours * 3600, len(meta), fold_levels(models.plan.folds), cfg.probe_studies, t_start)
-    run = _Run({s: [] for s in models.plan.seq}, {}, {}, [], {}, budget)
+    run = _Run({s: [] for s in models.plan.seq}, {}, [], {}, [], {}, budget)
     head_cnn = (models.plan.spec["exam_pe_head"]["cnn_exp"] if models.plan.exam_pe_head is not None else None)
     bar = tqdm(total=len(jobs), desc="studies", unit="study", disable=not cfg.progress, smoothing=0.1)
     t_prev = time.perf_counter()
@@ -415,6 +444,8 @@ def _run_studies(cfg: InferenceConfig, models: _Models, meta: pd.DataFrame, log:
                 run.members[s].append(rows)
             if head_cnn is not None:
                 run.cnn_probs[item.study] = cnn_probs[head_cnn]
+            if models.student is not None:
+                run.clusters.append(localize_study(models.student, item))
             model_s = time.perf_counter() - t_model
             run.folds_used[item.study] = len(folds)
         now = time.perf_counter()
@@ -479,6 +510,18 @@ def run_inference(cfg: InferenceConfig) -> dict[str, Any]:
     if n_broken:
         raise InferenceError(f"hierarchy repair left {n_broken} broken rule(s): refusing to write {cfg.out}")
     write_submission(repaired, cfg.out, ids_df)
+    localization = None
+    if models.student is not None:
+        from pe.localize.teacher_stage import CLUSTER_COLUMNS
+
+        loc_out = Path(cfg.localization_out or Path(cfg.out).with_name("localization.csv"))
+        frames = [c for c in run.clusters if len(c)]
+        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CLUSTER_COLUMNS)
+        write_csv_atomic(table, loc_out)
+        localization = {"out": str(loc_out), "clusters": len(table), "studies_with_clusters":
+                        int(table[STUDY].nunique()) if len(table) else 0, "studies": len(run.folds_used)}
+        log(f"wrote {loc_out}: {len(table)} PE clusters in {localization['studies_with_clusters']} of "
+            f"{localization['studies']} studies")
     seconds = time.perf_counter() - t_start
     failed = sorted(set(run.failed) | (set(ids_df[STUDY]) - set(meta[STUDY])))
     fallbacks = fallback_images(ids_df, meta, problems, failed, run.undecodable)
@@ -491,6 +534,7 @@ def run_inference(cfg: InferenceConfig) -> dict[str, Any]:
         "fallback_level": run.budget.level, "decode_errors": len(run.undecodable), "failed_studies": failed,
         "problems": {str(k): int(v) for k, v in problems["problem"].value_counts().sort_index().items()},
         "fallback_images": fallbacks, "repair": summarize_repair(report), "out": str(cfg.out),
+        "localization": localization,
     }
     log(f"wrote {cfg.out}: {len(repaired)} rows, {summary['studies']} studies, {len(meta)} slices in {seconds:.1f} s "
         f"({summary['slices_per_s']} slices/s); repair changed {summary['repair']['exams_changed']} exams")
