@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import tempfile
 import time
@@ -57,15 +56,14 @@ from pe.anatomy.roi import roi_mode
 from pe.eval.ensemble import EnsembleError, blend_long, equal_spec, from_space, to_space
 from pe.eval.voting import VotingHead, apply_exam_pe
 from pe.ids import exam_row_id
+from pe.infer.budget import Budget, fold_levels
+from pe.infer.localization import Student, load_student_model, localize_study, write_localization
 from pe.infer.studies import StudyImages, fallback_images, iter_studies, load_study, read_study_table
 from pe.rspect import EXAM_LABELS, SOP, STUDY
 from pe.train.core import load_checkpoint, resolve_device
 
 __all__ = ["InferenceConfig", "InferenceError", "ModelPlan", "StudyImages", "discover_models", "fold_levels",
            "load_study", "run_inference"]
-
-KAGGLE_LIMIT_HOURS = 9.0
-
 
 class InferenceError(RuntimeError):
     """Models or inputs the kernel cannot use (the message names the folder or file)."""
@@ -188,15 +186,6 @@ def discover_models(models: Sequence[str | Path], weights: str | Path | None = N
                      exam_pe_head=head)
 
 
-def fold_levels(folds: Sequence[int]) -> list[list[int]]:
-    """The fallback ladder: all folds, then half of them, then one (distinct levels only)."""
-    levels: list[list[int]] = []
-    for n in (len(folds), math.ceil(len(folds) / 2), 1):
-        if not levels or n < len(levels[-1]):
-            levels.append(list(folds[:n]))
-    return levels
-
-
 # --- the run -----------------------------------------------------------------------------------
 @dataclasses.dataclass
 class InferenceConfig:
@@ -229,52 +218,6 @@ def cache_size_of(cnn_cfg: Any) -> int:
     return int(m.group(1)) if m else int(cnn_cfg.cache_size)
 
 
-class _Budget:
-    """Projects the total run time and picks the fold level that keeps it within the budget."""
-
-    def __init__(self, budget_s: float, total_slices: int, levels: list[list[int]], probe: int, t_start: float):
-        self.budget_s, self.total, self.levels, self.probe, self.t0 = budget_s, total_slices, levels, probe, t_start
-        self.level = 0
-        self.done_slices = 0
-        self.done_studies = 0
-        self.model_s_per_fold_slice: list[float] = []
-        self.other_s = 0.0  # time not spent in the models (waiting for decoding, blending)
-        self.announced = False
-
-    def record(self, n_slices: int, n_folds: int, model_s: float, other_s: float) -> None:
-        self.done_slices += n_slices
-        self.done_studies += 1
-        self.other_s += other_s
-        if n_slices:
-            self.model_s_per_fold_slice.append(model_s / (n_slices * n_folds))
-
-    def projected_total(self, n_folds: int) -> float:
-        """Elapsed + remaining slices × (model time per slice at ``n_folds`` + other time per slice)."""
-        elapsed = time.perf_counter() - self.t0
-        if not self.done_slices:
-            return elapsed
-        per_fold = float(np.median(self.model_s_per_fold_slice)) if self.model_s_per_fold_slice else 0.0
-        other = self.other_s / self.done_slices
-        return elapsed + (self.total - self.done_slices) * (per_fold * n_folds + other)
-
-    def update(self, log: Any) -> list[int]:
-        """Folds to use for the next study (may step down the ladder, never up)."""
-        if self.done_studies < self.probe:
-            return self.levels[self.level]
-        proj = self.projected_total(len(self.levels[self.level]))
-        if not self.announced:
-            log(f"projected total {proj / 3600:.2f} h ({proj / 60:.1f} min) for {self.total} slices with "
-                f"{len(self.levels[self.level])} "
-                f"fold model(s) (budget {self.budget_s / 3600:.2f} h, Kaggle limit {KAGGLE_LIMIT_HOURS:.0f} h)")
-            self.announced = True
-        while proj > self.budget_s and self.level + 1 < len(self.levels):
-            self.level += 1
-            proj = self.projected_total(len(self.levels[self.level]))
-            log(f"over budget: falling back to {len(self.levels[self.level])} fold model(s) "
-                f"{self.levels[self.level]}; projected total now {proj / 3600:.2f} h")
-        return self.levels[self.level]
-
-
 def _fallback_predictions(data_dir: Path, ids_df: pd.DataFrame) -> pd.DataFrame:
     """Prior predictions (training label means, or 0.5 without train.csv) for undecodable studies."""
     from pe.eval.baselines import prior_predictions
@@ -297,7 +240,7 @@ class _Models:
     device: torch.device
     size: int  # input side in pixels
     quality: int | None  # JPEG round-trip quality, None = off
-    student: Any = None  # (model, StudentConfig, ClusterFilter) of the localisation student, or None
+    student: Student | None = None  # the localisation student (pe.infer.localization), or None
 
 
 def _load_models(cfg: InferenceConfig, log: Any) -> _Models:
@@ -326,28 +269,12 @@ def _load_models(cfg: InferenceConfig, log: Any) -> _Models:
     log(f"input: {size}px 3-window slices, JPEG round trip {'q' + str(quality) if quality else 'off'}, device {device}")
     student = None
     if cfg.student is not None:
-        from pe.localize.student_stage import StudentStageConfig, load_student
-
         try:
-            smodel, scfg, _ = load_student(Path(cfg.student))
-        except Exception as e:
-            raise InferenceError(f"{cfg.student}: cannot load the localisation student ({type(e).__name__}: {e})") from e
-        scfg = dataclasses.replace(scfg, device=str(device))
-        student = (smodel.to(device), scfg, StudentStageConfig().cluster_filter(size))
-        log(f"localisation: student {cfg.student} (sliding window {scfg.crop_zyx})")
+            student = load_student_model(Path(cfg.student), device, size)
+        except ValueError as e:
+            raise InferenceError(str(e)) from e
+        log(f"localisation: student {cfg.student} (sliding window {student.cfg.crop_zyx})")
     return _Models(plan, cnn, seq, device, size, quality, student)
-
-
-def localize_study(student: Any, item: StudyImages) -> pd.DataFrame:
-    """The student's PE clusters of one study (stage 12's columns, pe.localize.teacher_stage.CLUSTER_COLUMNS):
-    its PE-window volume from the decoded 3-window slices, as stage 12 builds it from the cache."""
-    from pe.localize.frames import pe_window
-    from pe.localize.student import predict_clusters
-    from pe.localize.teacher_stage import study_clusters
-
-    model, scfg, flt = student
-    labels, prob = predict_clusters(model, pe_window(item.images), scfg, flt)
-    return study_clusters(item.study, labels, prob, list(item.sops))
 
 
 def _read_inputs(cfg: InferenceConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -416,7 +343,7 @@ class _Run:
     folds_used: dict[str, int]
     failed: list[str]  # studies with no decodable slice
     undecodable: dict[str, str]  # SOPInstanceUID -> decode error
-    budget: _Budget
+    budget: Budget
 
 
 def _run_studies(cfg: InferenceConfig, models: _Models, meta: pd.DataFrame, log: Any, t_start: float) -> _Run:
@@ -424,7 +351,7 @@ def _run_studies(cfg: InferenceConfig, models: _Models, meta: pd.DataFrame, log:
     roi = any(roi_mode(ccfg) is not None for _, ccfg in models.cnn.values())  # a CNN crops to the ROI
     jobs = [(study, g[SOP].tolist(), g["path"].tolist(), models.size, models.quality, roi)
             for study, g in meta.groupby(STUDY, sort=False)]
-    budget = _Budget(cfg.budget_hours * 3600, len(meta), fold_levels(models.plan.folds), cfg.probe_studies, t_start)
+    budget = Budget(cfg.budget_hours * 3600, len(meta), fold_levels(models.plan.folds), cfg.probe_studies, t_start)
     run = _Run({s: [] for s in models.plan.seq}, {}, [], {}, [], {}, budget)
     head_cnn = (models.plan.spec["exam_pe_head"]["cnn_exp"] if models.plan.exam_pe_head is not None else None)
     bar = tqdm(total=len(jobs), desc="studies", unit="study", disable=not cfg.progress, smoothing=0.1)
@@ -512,15 +439,9 @@ def run_inference(cfg: InferenceConfig) -> dict[str, Any]:
     write_submission(repaired, cfg.out, ids_df)
     localization = None
     if models.student is not None:
-        from pe.localize.teacher_stage import CLUSTER_COLUMNS
-
         loc_out = Path(cfg.localization_out or Path(cfg.out).with_name("localization.csv"))
-        frames = [c for c in run.clusters if len(c)]
-        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CLUSTER_COLUMNS)
-        write_csv_atomic(table, loc_out)
-        localization = {"out": str(loc_out), "clusters": len(table), "studies_with_clusters":
-                        int(table[STUDY].nunique()) if len(table) else 0, "studies": len(run.folds_used)}
-        log(f"wrote {loc_out}: {len(table)} PE clusters in {localization['studies_with_clusters']} of "
+        localization = write_localization(run.clusters, loc_out, len(run.folds_used))
+        log(f"wrote {loc_out}: {localization['clusters']} PE clusters in {localization['studies_with_clusters']} of "
             f"{localization['studies']} studies")
     seconds = time.perf_counter() - t_start
     failed = sorted(set(run.failed) | (set(ids_df[STUDY]) - set(meta[STUDY])))
