@@ -118,7 +118,7 @@ def _same_key(done: Path, key: dict) -> bool:
         old = json.loads(done.read_text())
     except (OSError, ValueError):
         return False
-    return old.get("cmd") == key["cmd"] and old.get("configs") == key["configs"]
+    return old.get("cmd") == key["cmd"] and old.get("configs") == key["configs"] and old.get("data") == key["data"]
 
 
 class Runner:
@@ -132,6 +132,7 @@ class Runner:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.seconds: dict[str, float] = {}
         self.rerun: set[str] = set()  # run folders in which a stage ran again: later stages rerun too
+        self.data_key = ""  # fingerprint of the data (labels + image listing): part of every marker's key
         self.bar = tqdm(total=round(total, 1), desc="bench-quality", unit="cost", disable=quiet,
                         bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}] {postfix}")
 
@@ -141,7 +142,7 @@ class Runner:
         # data stages mark their shared folder; run stages mark the --out folder with their exact
         # command, so a rerun into the same --out resumes after the last finished stage
         done = st.done or self.log_dir / f"{safe}.done"
-        key = {"cmd": st.cmd, "configs": config_fingerprints(st.cmd)}
+        key = {"cmd": st.cmd, "configs": config_fingerprints(st.cmd), "data": self.data_key}
         run = st.name.split("/")[0] if "/" in st.name else None
         if done.exists() and run not in self.rerun and (st.done is not None or _same_key(done, key)):
             self.seconds[st.name] = 0.0
@@ -338,8 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data_dir is None:
         runner.run(phantom_stage(args))
     data, truth_file, mode = data_view(args)
-    fp = bm.fingerprint([data / "train.csv", data / "test.csv", truth_file])
+    # labels and the images' listing: a folder with the same labels but other images (the shortcut
+    # phantom) gets its own prepared data, and its runs' resume markers do not match another folder's
+    fp = bm.fingerprint([data / "train.csv", data / "test.csv", truth_file]) + "-" + bm.image_signature(data)
     prep = args.work_root / f"prep-{fp}"
+    runner.data_key = fp
     cache_sizes = sorted({bm.cache_size(v.cnn, args.cnn_override) for v in variants})
     for st in prep_stages(data, prep, cache_sizes):
         runner.run(st)

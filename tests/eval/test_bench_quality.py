@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -266,10 +267,11 @@ def test_resume_reruns_a_stage_whose_config_changed_and_everything_after_it(tmp_
               mod.Stage("run1/07", [sys.executable, "-c", "pass"], None, "07"),
               mod.Stage("run2/07", [sys.executable, "-c", "pass"], None, "07")]
 
-    def ran(change: bool = False) -> list[bool]:
+    def ran(change: bool = False, data: str = "d1") -> list[bool]:
         if change:
             cfg.write_text("epochs: 3\n")
         runner = mod.Runner(tmp_path / "logs", total=10.0, quiet=True)
+        runner.data_key = data
         for st in stages:
             runner.run(st)
         return [runner.seconds[st.name] > 0 for st in stages]
@@ -277,3 +279,17 @@ def test_resume_reruns_a_stage_whose_config_changed_and_everything_after_it(tmp_
     assert ran() == [True, True, True]
     assert ran() == [False, False, False]  # same commands, same config bytes: resumed
     assert ran(change=True) == [True, True, False]  # the edited config, then what follows in its folder
+    assert ran(data="d2") == [True, True, True]  # other data (same commands): nothing is reused
+
+
+def test_data_key_tells_folders_with_the_same_labels_but_other_images_apart(tmp_path: Path) -> None:
+    """The shortcut phantom has the ordinary phantom's labels and test split; only training images
+    differ. The benchmark's prepared data and resume markers must not be shared between them."""
+    for name, pixel in (("a", b"1"), ("b", b"1"), ("c", b"22")):
+        for split in ("train", "test"):
+            f = tmp_path / name / split / "s1" / "x.dcm"
+            f.parent.mkdir(parents=True)
+            f.write_bytes(pixel)
+            os.utime(f, ns=(10**18, 10**18))
+    sig = {n: bm.image_signature(tmp_path / n) for n in "abc"}
+    assert sig["a"] == sig["b"] != sig["c"]
