@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from pe import paths  # noqa: E402
 from pe.eval import benchmark as bm  # noqa: E402
 from pe.eval.benchmark_report import evaluate, write_outputs  # noqa: E402
+from pe.eval.data_signature import image_signature  # noqa: E402
 
 REPO = paths.REPO_ROOT
 PY = sys.executable
@@ -341,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data, truth_file, mode = data_view(args)
     # labels and the images' listing: a folder with the same labels but other images (the shortcut
     # phantom) gets its own prepared data, and its runs' resume markers do not match another folder's
-    fp = bm.fingerprint([data / "train.csv", data / "test.csv", truth_file]) + "-" + bm.image_signature(data)
+    fp = bm.fingerprint([data / "train.csv", data / "test.csv", truth_file]) + "-" + image_signature(data)
     prep = args.work_root / f"prep-{fp}"
     runner.data_key = fp
     cache_sizes = sorted({bm.cache_size(v.cnn, args.cnn_override) for v in variants})

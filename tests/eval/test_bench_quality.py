@@ -285,11 +285,13 @@ def test_resume_reruns_a_stage_whose_config_changed_and_everything_after_it(tmp_
 def test_data_key_tells_folders_with_the_same_labels_but_other_images_apart(tmp_path: Path) -> None:
     """The shortcut phantom has the ordinary phantom's labels and test split; only training images
     differ. The benchmark's prepared data and resume markers must not be shared between them."""
+    from pe.eval.data_signature import image_signature
+
     for name, pixel in (("a", b"1"), ("b", b"1"), ("c", b"22")):
         for split in ("train", "test"):
             f = tmp_path / name / split / "s1" / "x.dcm"
             f.parent.mkdir(parents=True)
             f.write_bytes(pixel)
             os.utime(f, ns=(10**18, 10**18))
-    sig = {n: bm.image_signature(tmp_path / n) for n in "abc"}
+    sig = {n: image_signature(tmp_path / n) for n in "abc"}
     assert sig["a"] == sig["b"] != sig["c"]
