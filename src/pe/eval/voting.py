@@ -17,6 +17,7 @@ import pandas as pd
 
 from pe.eval.metric import binary_stats
 
+NEG_LABEL = "negative_exam_for_pe"  # the exam row (pe.rspect.EXAM_LABELS) the voting head sets
 DEFAULT_DELTAS = np.round(np.linspace(0.01, 0.99, 99), 2)
 
 
@@ -148,7 +149,9 @@ class VotingHead:
 def study_pe_labels(truth: pd.DataFrame) -> dict[str, int]:
     """Study -> 1 when any of its images shows PE (``pe_present_on_image``), the label the rule is
     fitted for (papers/condrea2023: a study is positive when it has a positive slice)."""
-    return {str(s): int(v > 0.5) for s, v in truth.groupby("StudyInstanceUID")["pe_present_on_image"].max().items()}
+    from pe.rspect import IMAGE_LABEL, STUDY
+
+    return {str(s): int(v > 0.5) for s, v in truth.groupby(STUDY)[IMAGE_LABEL].max().items()}
 
 
 def fit_voting_head(probs: Mapping[str, np.ndarray], labels: Mapping[str, int],
@@ -166,11 +169,11 @@ def fit_voting_head(probs: Mapping[str, np.ndarray], labels: Mapping[str, int],
 def apply_exam_pe(pred: pd.DataFrame, p_pe: Mapping[str, float]) -> pd.DataFrame:
     """``pred`` (submission-shaped id,label) with ``<study>_negative_exam_for_pe`` = 1 - ``p_pe[study]``
     (e.g. :meth:`VotingHead.p_pe`); a study of ``pred`` missing from ``p_pe`` is an error."""
-    from pe.ids import exam_row_id
+    from pe.ids import exam_row_id, label_of_ids
 
-    neg_ids = {exam_row_id(s, "negative_exam_for_pe"): 1.0 - float(p) for s, p in p_pe.items()}
+    neg_ids = {exam_row_id(s, NEG_LABEL): 1.0 - float(p) for s, p in p_pe.items()}
     ids = pred["id"].astype(str)
-    is_neg = ids.str.endswith("_negative_exam_for_pe")
+    is_neg = pd.Series(label_of_ids(ids.to_numpy(dtype=object)) == NEG_LABEL, index=ids.index)
     missing = sorted(set(ids[is_neg]) - set(neg_ids))
     if missing:
         raise ValueError(f"{len(missing)} studies have no CNN slice probabilities for the voting head, e.g. "
