@@ -22,6 +22,7 @@ from pe import paths
 from pe.data.tables import read_truth
 from pe.eval import benchmark as bm
 from pe.eval import metric
+from pe.eval.benchmark_compare import KEYS, compare, parse_contrast, parse_side
 from pe.eval.submission import read_submission, to_long
 from pe.rspect import EXAM_LABELS, STUDY
 from pe.synthetic.predictions import synthetic_calibrated
@@ -203,6 +204,20 @@ def test_benchmark_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPat
                               - r["variants"]["baseline"]["mean"]["score"]["estimate"], abs=1e-12)
     assert r["stage_seconds"] and (out / "index.html").is_file() and (out / "labels.png").is_file()
     assert "metric" in (out / "table.txt").read_text()
+    # bench/compare_runs.py recomputes the same figures from the run folders, and its contrasts pair
+    cmp = compare(tmp_path / "phantom" / "phantom_test_labels.csv",
+                  [parse_side(f"base={out}:baseline"), parse_side(f"gru={out}:gru_only")], ["gru-base"], [0], n_boot=50)
+    for key in KEYS:
+        want = r["variants"]["baseline"]["seeds"]["0"]["figures"][key]["estimate"]
+        got = cmp["figures"]["base"][key]["estimate"]
+        assert (math.isnan(want) and math.isnan(got)) or got == pytest.approx(want, rel=1e-9), key
+    assert cmp["contrasts"]["gru-base"]["score"]["estimate"] == pytest.approx(d, abs=1e-12)
+    other = tmp_path / "other_truth.csv"  # a held-out set the runs did not predict is refused
+    truth[truth[STUDY] != truth[STUDY].iloc[0]].to_csv(other, index=False)
+    with pytest.raises(bm.BenchError, match="not the truth file's held-out set"):
+        compare(other, [parse_side(f"base={out}")], [], [0], n_boot=10)
+    with pytest.raises(bm.BenchError, match="unknown side"):
+        compare(other, [parse_side(f"base={out}")], ["base-x"], [0], n_boot=10)
 
 
 def test_ranking_figures_read_the_beliefs_and_the_metric_the_repaired_submission(calibrated) -> None:
@@ -295,3 +310,17 @@ def test_data_key_tells_folders_with_the_same_labels_but_other_images_apart(tmp_
             os.utime(f, ns=(10**18, 10**18))
     sig = {n: image_signature(tmp_path / n) for n in "abc"}
     assert sig["a"] == sig["b"] != sig["c"]
+
+
+def test_compare_sides_and_contrasts_parse_and_bad_ones_are_named() -> None:
+    s = parse_side("plain_sc=reports/x/shortcut-3:attention")
+    assert (s.name, s.out, s.variant) == ("plain_sc", Path("reports/x/shortcut-3"), "attention")
+    assert parse_side("a=out").variant == "baseline"
+    names = ["a", "b", "c", "d"]
+    assert parse_contrast("a-b-c+d", names) == [(1, "a"), (-1, "b"), (-1, "c"), (1, "d")]
+    assert parse_contrast("-a + b", names) == [(-1, "a"), (1, "b")]
+    for bad, msg in (("a*b", "expected names"), ("a-e", "unknown side"), ("", "expected names")):
+        with pytest.raises(bm.BenchError, match=msg):
+            parse_contrast(bad, names)
+    with pytest.raises(bm.BenchError, match="NAME=OUT_DIR"):
+        parse_side("1x=out")
