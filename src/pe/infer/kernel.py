@@ -385,19 +385,19 @@ def _run_studies(cfg: InferenceConfig, models: _Models, meta: pd.DataFrame, log:
     return run
 
 
-def _assemble(cfg: InferenceConfig, run: _Run, spec: dict[str, Any], ids_df: pd.DataFrame, meta: pd.DataFrame,
+def _assemble(cfg: InferenceConfig, run: _Run, plan: ModelPlan, ids_df: pd.DataFrame, meta: pd.DataFrame,
               log: Any) -> pd.DataFrame:
-    """Blend the members, then fill in the studies that failed (prior) and the test.csv images with
-    no usable file (their study's mean image prediction)."""
+    """Blend the members (and apply the plan's voting exam PE head), then fill in the studies that
+    failed (prior) and the test.csv images with no usable file (their study's mean image prediction)."""
+    spec = plan.spec
     members = {s: pd.concat(rows, ignore_index=True) if rows else pd.DataFrame({"id": [], "label": []})
                for s, rows in run.members.items()}
     try:
         pred = blend_long(members, spec) if len(next(iter(members.values()))) else members[next(iter(members))]
     except EnsembleError as e:
         raise InferenceError(f"blending the members failed: {e}") from e
-    head = VotingHead.from_json(spec["exam_pe_head"]) if spec.get("exam_pe_head") is not None else None
-    if head is not None and len(pred):  # the voting study head gives negative_exam_for_pe (07 --exam-pe-head)
-        pred = apply_exam_pe(pred, head.p_pe(run.cnn_probs))
+    if plan.exam_pe_head is not None and len(pred):  # the voting study head gives negative_exam_for_pe
+        pred = apply_exam_pe(pred, plan.exam_pe_head.p_pe(run.cnn_probs))
     failed = sorted(set(run.failed) | (set(ids_df[STUDY]) - set(meta[STUDY])))
     if failed:
         log(f"{len(failed)} studies could not be decoded or had no DICOMs: prior predictions for them")
@@ -429,7 +429,7 @@ def run_inference(cfg: InferenceConfig) -> dict[str, Any]:
     models = _load_models(cfg, log)
     ids_df, meta, problems = _read_inputs(cfg)
     run = _run_studies(cfg, models, meta, log, t_start)
-    pred = _assemble(cfg, run, models.plan.spec, ids_df, meta, log)
+    pred = _assemble(cfg, run, models.plan, ids_df, meta, log)
     if cfg.raw_out is not None:
         write_csv_atomic(pred, cfg.raw_out)
     repaired, report = repair_long(pred, ids_df)
