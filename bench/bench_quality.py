@@ -137,6 +137,11 @@ class Runner:
         self.bar = tqdm(total=round(total, 1), desc="bench-quality", unit="cost", disable=quiet,
                         bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}] {postfix}")
 
+    def advance(self, cost: float) -> None:
+        """Move the bar, never past its total (tqdm drops a total that ``n`` exceeds, and the bar
+        format's ``{total:.0f}`` then fails: an estimate must not stop a benchmark)."""
+        self.bar.update(max(0.0, min(cost, self.bar.total - self.bar.n)))
+
     def run(self, st: Stage) -> None:
         self.bar.set_postfix_str(st.name)
         safe = st.name.replace("/", "_").replace(":", "_")
@@ -147,7 +152,7 @@ class Runner:
         run = st.name.split("/")[0] if "/" in st.name else None
         if done.exists() and run not in self.rerun and (st.done is not None or _same_key(done, key)):
             self.seconds[st.name] = 0.0
-            self.bar.update(COST[st.kind])
+            self.advance(COST[st.kind])
             return
         if run is not None:  # everything after a rerun stage of this run folder reads its new outputs
             self.rerun.add(run)
@@ -163,14 +168,14 @@ class Runner:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
             raise RuntimeError(f"stage {st.name} failed (exit {rc}); {log}:\n{tail}")
         done.write_text(json.dumps({"seconds": self.seconds[st.name], **key}))
-        self.bar.update(COST[st.kind])
+        self.advance(COST[st.kind])
 
     def timed(self, name: str, kind: str, fn, *args, **kwargs):  # noqa: ANN001, ANN201
         self.bar.set_postfix_str(name)
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         self.seconds[name] = round(time.perf_counter() - t0, 2)
-        self.bar.update(COST[kind])
+        self.advance(COST[kind])
         return out
 
 
@@ -332,9 +337,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cnn_groups: dict[str, list[bm.Variant]] = {}
     for v in variants:
         cnn_groups.setdefault(v.cnn_key(args.cnn_override), []).append(v)
-    n_cnn = len(cnn_groups) * len(seeds)
-    total = (COST["00"] * (args.data_dir is None) + 2 * COST["01"] + 2 * COST["02"]
-             + n_cnn * (COST["03"] + args.folds * COST["04"] + 2 * COST["05"] + COST["explain"])
+    # the progress bar's total: every stage this run may run (pre-stages and extra exports included)
+    cnn_cost = sum(COST["explain"] + sum(COST[s.kind] for s in cnn_stages(
+        g[0], args, 0, Path("run"), {}, bm.needs_maps(g, args.seq_override), bm.needs_fit_export(g, args.seq_override)))
+        for g in cnn_groups.values())
+    total = (COST["00"] * (args.data_dir is None) + 2 * COST["01"] + 2 * COST["02"] + len(seeds) * cnn_cost
              + len(seeds) * sum(len(v.seq) * args.folds * COST["06"] + COST["07"] + COST["08"] for v in variants))
     runner = Runner(out / "logs", total, args.quiet, args.in_process)
     if args.data_dir is None:

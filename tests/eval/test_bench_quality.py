@@ -324,3 +324,13 @@ def test_compare_sides_and_contrasts_parse_and_bad_ones_are_named() -> None:
             parse_contrast(bad, names)
     with pytest.raises(bm.BenchError, match="NAME=OUT_DIR"):
         parse_side("1x=out")
+
+
+def test_progress_bar_survives_more_work_than_estimated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage the cost estimate missed once crashed a finished run in tqdm ({total:.0f} of None)."""
+    mod = _bench_module(monkeypatch)
+    runner = mod.Runner(tmp_path / "logs", total=3.0, quiet=False)
+    for _ in range(3):
+        runner.advance(2.0)
+    assert runner.bar.n == pytest.approx(3.0) and runner.bar.total == pytest.approx(3.0)
+    assert "3/3" in str(runner.bar)
