@@ -30,7 +30,7 @@ import pandas as pd
 from pe.data.tables import read_truth
 from pe.eval import benchmark as bm
 from pe.eval import metric, submission
-from pe.eval.benchmark_report import fmt_ci, scored_and_ranked
+from pe.eval.benchmark_report import fmt_ci, heldout_cnn_probs, scored_and_ranked
 from pe.rspect import SOP, STUDY
 
 KEYS: tuple[str, ...] = ("score", "study_pe_auc", "image_auc", "cnn_slice_auc")
@@ -100,10 +100,7 @@ def side_stats(side: Side, scorer: metric.Scorer, ids: pd.DataFrame, seeds: Sequ
             raise bm.BenchError(f"{raw_file}: not the truth file's held-out set ({len(missing)} ids missing, "
                                 f"{len(extra)} not in the truth), e.g. {sorted(missing or extra)[:2]}")
         parts = scored_and_ranked(scorer, raw, None, ids)  # the repair 08_make_submission applies
-        idx = bm.fold_average(sorted((run / "work" / "embeddings" / "cnn").glob("fold*/test/index.parquet")))
-        probs = idx.set_index(SOP)["prob"].reindex(scorer.image_ids.astype(str)).to_numpy(np.float64)
-        if np.isnan(probs).any():
-            raise bm.BenchError(f"{run}: the CNN's test embeddings miss {int(np.isnan(probs).sum())} held-out slices")
+        _, probs = heldout_cnn_probs(run, scorer)
         for k in KEYS[:3]:
             out[k].append(bm.figure_stat(parts, k))
         out["cnn_slice_auc"].append(bm.slice_auc_stat(scorer.image_study, scorer.image_truth, probs))

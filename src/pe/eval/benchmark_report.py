@@ -132,15 +132,22 @@ def voting_calls(run: Path, train_truth: pd.DataFrame, heldout: pd.DataFrame, sc
     return {"mu": rule.mu, "delta": rule.delta, "train_f1": rule.f1, "called": called}
 
 
+def heldout_cnn_probs(run: Path, scorer: metric.Scorer) -> tuple[pd.DataFrame, np.ndarray]:
+    """A run's CNN on the held-out slices: its fold models' test index averaged, and the slice
+    probabilities in the scorer's image order (an error when a held-out slice has none)."""
+    idx = bm.fold_average(sorted((run / "work" / "embeddings" / "cnn").glob("fold*/test/index.parquet")))
+    probs = idx.set_index(SOP)["prob"].reindex(scorer.image_ids.astype(str)).to_numpy(np.float64)
+    if np.isnan(probs).any():
+        raise bm.BenchError(f"{run}: the CNN's test embeddings miss {int(np.isnan(probs).sum())} held-out slices")
+    return idx, probs
+
+
 def cnn_figures(run: Path, data: Path, scorer: metric.Scorer, train_truth: pd.DataFrame, ids: pd.DataFrame,
                 args: Any, runner: Any) -> dict[str, Any]:
     """Per CNN run: the fold-averaged slice probabilities, the max-aggregation baseline's parts
     (metric after the same hierarchy repair as every variant's submission, AUCs before it) and the
     pointing game's per-study counts."""
-    idx = bm.fold_average(sorted((run / "work" / "embeddings" / "cnn").glob("fold*/test/index.parquet")))
-    probs = idx.set_index(SOP)["prob"].reindex(scorer.image_ids.astype(str)).to_numpy(np.float64)
-    if np.isnan(probs).any():
-        raise bm.BenchError(f"{run}: the CNN's test embeddings miss {int(np.isnan(probs).sum())} held-out slices")
+    idx, probs = heldout_cnn_probs(run, scorer)
     maxagg = scored_and_ranked(scorer, max_aggregation_predictions(idx, train_truth), None, ids)
     vote = voting_calls(run, train_truth, idx, scorer)
     top = idx.groupby(STUDY)["prob"].max()
