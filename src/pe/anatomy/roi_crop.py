@@ -14,13 +14,14 @@ import numpy as np
 import torch
 
 from pe.anatomy.roi import roi_mode, study_roi_boxes
-from pe.data.slices import crop_resize, n_channels, neighbor_indices, normalize, to_uint8_tensor
+from pe.data.slices import crop_resize, n_channels, neighbor_indices
+from pe.data.stacking import dedupe_rows, stacked_inputs
 
 RoiRows = tuple[np.ndarray, np.ndarray, int]  # (boxes (n, 4), found (n,), size of the pixels they are in)
 
 
-def preprocess_rois(images: np.ndarray, cfg: Any, boxes: np.ndarray,
-                    indices: Sequence[int] | None = None) -> torch.Tensor:
+def preprocess_rois(images: np.ndarray, cfg: Any, boxes: np.ndarray, indices: Sequence[int] | None = None,
+                    device: str | torch.device = "cpu") -> torch.Tensor:
     """:func:`pe.models.slice_cnn.preprocess_study` for the ROI crop modes: input i stacks slice i and
     its neighbours, each cropped with ``boxes[i]`` (:func:`pe.anatomy.roi.study_roi_boxes`, pixels of
     ``images``), resized and normalised — what :class:`pe.data.slices.SliceDataset` feeds in training."""
@@ -30,29 +31,22 @@ def preprocess_rois(images: np.ndarray, cfg: Any, boxes: np.ndarray,
         raise ValueError(f"{len(boxes)} ROI boxes for {len(images)} slices")
     idx = list(range(len(images)) if indices is None else indices)
     if not idx:
-        return torch.zeros((0, n_channels(cfg.neighbors), cfg.img_size, cfg.img_size))
-    done: dict[tuple[int, tuple[float, ...]], np.ndarray] = {}  # same slice, same box: resized once
-    stacks = []
-    for i in idx:
-        b = tuple(float(v) for v in boxes[int(i)])
-        parts = []
-        for k in neighbor_indices(int(i), len(images), cfg.neighbors):
-            if (int(k), b) not in done:
-                done[(int(k), b)] = crop_resize(images[k], b, cfg.img_size)
-            parts.append(done[(int(k), b)])
-        stacks.append(to_uint8_tensor(np.concatenate(parts, axis=-1)))
-    return normalize(torch.stack(stacks))
+        return torch.zeros((0, n_channels(cfg.neighbors), cfg.img_size, cfg.img_size), device=device)
+    # the same slice with the same box is resized once
+    rows = [[(int(k), tuple(float(v) for v in boxes[int(i)]))
+             for k in neighbor_indices(int(i), len(images), cfg.neighbors)] for i in idx]
+    keys, gather = dedupe_rows(rows)
+    slices = [crop_resize(images[k], b, cfg.img_size) for k, b in keys]  # type: ignore[misc]
+    return stacked_inputs(slices, gather, device, cfg.channels_last)
 
 
-@torch.inference_mode()
 def infer_cropped(model: torch.nn.Module, cfg: Any, images: np.ndarray, box: Sequence[float] | None = None,
                   rois: RoiRows | None = None, device: str | torch.device = "cpu", batch_size: int = 64,
                   amp: bool = True, where: str = "") -> tuple[np.ndarray, np.ndarray]:
     """(probs (n,), embeddings (n, D) float32) of a z-ordered study: ``infer_study`` with the lung
     ``box`` when ``cfg`` does not crop to the ROI, else per-centre ROI crops from ``rois`` (the
     study's stored or recomputed ROI rows; ``where`` names their source in errors)."""
-    from pe.models.slice_cnn import infer_study
-    from pe.train.core import amp_settings
+    from pe.models.slice_cnn import infer_study, run_batches
 
     if roi_mode(cfg) is None:
         return infer_study(model, cfg, images, box=box, device=str(device), batch_size=batch_size, amp=amp)
@@ -61,17 +55,5 @@ def infer_cropped(model: torch.nn.Module, cfg: Any, images: np.ndarray, box: Seq
         raise ValueError(f"{where or 'ROI boxes'}: crop_mode={cfg.crop_mode} needs one ROI box per slice; "
                          f"{len(images)} slices, {got}")
     boxes = study_roi_boxes(rois[0], rois[1], cfg, images.shape[1], rois[2])
-    model.eval()
-    use_amp, amp_dtype = amp_settings(torch.device(device), amp and cfg.amp, cfg.amp_dtype)
-    probs, embs = [], []
-    for s in range(0, len(images), batch_size):
-        x = preprocess_rois(images, cfg, boxes, range(s, min(s + batch_size, len(images)))).to(device)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
-            out = model(x)
-        probs.append(torch.sigmoid(out["logit"].float()).cpu().numpy())
-        embs.append(out["embedding"].float().cpu().numpy())
-    if not probs:
-        return np.zeros(0, np.float32), np.zeros((0, getattr(model, "embedding_dim", 0)), np.float32)
-    return np.concatenate(probs).astype(np.float32), np.concatenate(embs).astype(np.float32)
+    return run_batches(model, cfg, len(images), lambda rows, dev: preprocess_rois(images, cfg, boxes, rows, dev),
+                       device, batch_size, amp)

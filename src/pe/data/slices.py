@@ -103,7 +103,7 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     k = x.shape[-3] // 3
     mean = torch.tensor(np.tile(IMAGENET_MEAN * 255.0, k), device=x.device).view(-1, 1, 1)
     std = torch.tensor(np.tile(IMAGENET_STD * 255.0, k), device=x.device).view(-1, 1, 1)
-    return (x.float() - mean) / std
+    return x.to(torch.float32, copy=True).sub_(mean).div_(std)  # in place on the copy: no temporaries
 
 
 def to_uint8_tensor(arr: np.ndarray) -> torch.Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,14 +28,8 @@ from torch import nn
 
 from pe import paths
 from pe.config import GLOBAL_POOLS, CNNConfig, from_dict
-from pe.data.slices import (
-    crop_resize,
-    n_channels,
-    neighbor_indices,
-    normalize,
-    stack_neighbors,
-    to_uint8_tensor,
-)
+from pe.data.slices import crop_resize, n_channels, neighbor_indices
+from pe.data.stacking import dedupe_rows, stacked_inputs
 from pe.rspect import EXAM_LABELS
 from pe.train.core import amp_settings
 
@@ -164,46 +158,48 @@ def config_from_checkpoint(ckpt: dict[str, Any], source: str) -> CNNConfig:
 
 
 def preprocess_study(images: np.ndarray, cfg: CNNConfig, box: Sequence[float] | None = None,
-                     indices: Sequence[int] | None = None) -> torch.Tensor:
-    """(n, C, img_size, img_size) float32 inputs for the slices ``indices`` (all when None) of a
-    z-ordered study ``images`` uint8 (n, S, S, 3): neighbours stacked with edge repetition, cropped to
-    ``box`` (x0, y0, x1, y1 in the pixels of ``images``) when ``cfg.crop_lung``, resized, normalised —
-    the deterministic part of the training dataset."""
+                     indices: Sequence[int] | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+    """(n, C, img_size, img_size) float32 inputs on ``device`` for the slices ``indices`` (all when None)
+    of a z-ordered study ``images`` uint8 (n, S, S, 3): neighbours stacked with edge repetition, cropped
+    to ``box`` (x0, y0, x1, y1 in the pixels of ``images``) when ``cfg.crop_lung``, resized, normalised —
+    the deterministic part of the training dataset (channels-last memory when ``cfg.channels_last``)."""
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"expected uint8 (n, S, S, 3) slices, got {images.dtype} {images.shape}")
     idx = list(range(len(images)) if indices is None else indices)
+    if not idx:
+        return torch.zeros((0, n_channels(cfg.neighbors), cfg.img_size, cfg.img_size), device=device)
     use_box = box if cfg.crop_lung else None
     # Crop and resize each needed slice once (a slice is a neighbour of up to 2n+1 inputs).
-    resized: dict[int, np.ndarray] = {}
-    for i in idx:
-        for k in neighbor_indices(int(i), len(images), cfg.neighbors):
-            if k not in resized:
-                resized[k] = crop_resize(images[k], use_box, cfg.img_size)
-    if not idx:
-        return torch.zeros((0, n_channels(cfg.neighbors), cfg.img_size, cfg.img_size))
-    x = torch.stack([to_uint8_tensor(stack_neighbors(resized, int(i), cfg.neighbors, len(images))) for i in idx])
-    return normalize(x)
+    keys, gather = dedupe_rows([[int(k) for k in neighbor_indices(int(i), len(images), cfg.neighbors)]
+                                for i in idx])
+    slices = [crop_resize(images[int(k)], use_box, cfg.img_size) for k in keys]  # type: ignore[call-overload]
+    return stacked_inputs(slices, gather, device, cfg.channels_last)
 
 
 @torch.inference_mode()
-def infer_study(model: nn.Module, cfg: CNNConfig, images: np.ndarray, box: Sequence[float] | None = None,
-                device: str = "cpu", batch_size: int = 64, amp: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(probs (n,), embeddings (n, D) float32) of every slice of a study, in z order.
-
-    Preprocessing runs per batch, so memory stays at one batch of inputs even for 1,000-slice studies.
-    """
+def run_batches(model: nn.Module, cfg: CNNConfig, n: int,
+                make_inputs: Callable[[range, str | torch.device], torch.Tensor],
+                device: str | torch.device = "cpu", batch_size: int = 64,
+                amp: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(probs (n,), embeddings (n, D) float32) of ``model`` over inputs ``make_inputs(rows, device)``
+    built one batch at a time, so memory stays at one batch even for 1,000-slice studies."""
     model.eval()
     use_amp, amp_dtype = amp_settings(torch.device(device), amp and cfg.amp, cfg.amp_dtype)
     probs, embs = [], []
-    for s in range(0, len(images), batch_size):
-        x = preprocess_study(images, cfg, box, range(s, min(s + batch_size, len(images)))).to(device)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    for s in range(0, n, batch_size):
+        x = make_inputs(range(s, min(s + batch_size, n)), device)
         with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
             out = model(x)
         probs.append(torch.sigmoid(out["logit"].float()).cpu().numpy())
         embs.append(out["embedding"].float().cpu().numpy())
-    dim = getattr(model, "embedding_dim", 0)
     if not probs:
-        return np.zeros(0, np.float32), np.zeros((0, dim), np.float32)
+        return np.zeros(0, np.float32), np.zeros((0, getattr(model, "embedding_dim", 0)), np.float32)
     return np.concatenate(probs).astype(np.float32), np.concatenate(embs).astype(np.float32)
+
+
+def infer_study(model: nn.Module, cfg: CNNConfig, images: np.ndarray, box: Sequence[float] | None = None,
+                device: str = "cpu", batch_size: int = 64, amp: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(probs (n,), embeddings (n, D) float32) of every slice of a study, in z order; each batch is
+    stacked and normalised on ``device`` (:mod:`pe.data.stacking`)."""
+    return run_batches(model, cfg, len(images), lambda rows, dev: preprocess_study(images, cfg, box, rows, dev),
+                       device, batch_size, amp)
