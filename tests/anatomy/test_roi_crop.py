@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from pe.anatomy.roi import crop_boxes
-from pe.anatomy.roi_crop import infer_cropped, preprocess_rois
+from pe.anatomy.roi_crop import infer_cropped, preprocess_rois, study_inputs
 from pe.config import CNNConfig
 from pe.data.slices import crop_resize, neighbor_indices, normalize, to_uint8_tensor
-from pe.models.slice_cnn import infer_study
+from pe.models.slice_cnn import infer_study, preprocess_study
 
 
 class MeanModel(torch.nn.Module):
@@ -68,3 +68,27 @@ def test_lung_mode_is_infer_study_unchanged() -> None:
     want = infer_study(MeanModel(), cfg, images, box=box, amp=False)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["crop_lung", "crop_none", "roi_slice", "roi_study"])
+def test_study_inputs_cut_as_trained_and_name_each_rows_crop(mode: str) -> None:
+    """What the explanation maps feed the CNN (pe.report.explain_maps): the ROI modes' per-centre crops
+    (before, the lung box was used for every CNN), and the crop each input row was cut from."""
+    images, boxes, found = _study()
+    lung = (4, 6, 50, 58)
+    rows = [1, 4, 5]
+    if mode.startswith("roi_"):
+        cfg = CNNConfig(img_size=24, neighbors=1, crop_mode=mode, amp=False, channels_last=False)
+        x, crops = study_inputs(images, cfg, rows, lung, (boxes * 2, found, 128))
+        per_centre = crop_boxes(boxes, found, mode.removeprefix("roi_"), 5)
+        assert torch.equal(x, preprocess_rois(images, cfg, per_centre, rows))
+        assert crops == [tuple(int(round(v)) for v in per_centre[r]) for r in rows]
+        assert len(set(crops)) == (3 if mode == "roi_slice" else 1)
+        with pytest.raises(ValueError, match="study X: crop_mode=.* 6 slices, 5 rows"):
+            study_inputs(images, cfg, rows, lung, (boxes[:5], found[:5], 64), where="study X")
+    else:
+        cfg = CNNConfig(img_size=24, neighbors=1, crop_lung=mode == "crop_lung", amp=False, channels_last=False)
+        x, crops = study_inputs(images, cfg, rows, lung, None)
+        want = lung if mode == "crop_lung" else None
+        assert torch.equal(x, preprocess_study(images, cfg, want, rows))
+        assert crops == [want] * 3

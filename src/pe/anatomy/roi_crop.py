@@ -8,16 +8,52 @@ unchanged and runs the ROI modes with the same per-centre crop as training
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from pe.anatomy.roi import roi_mode, study_roi_boxes
-from pe.data.slices import crop_resize, n_channels, neighbor_indices
+from pe.data.slices import clip_box, crop_resize, n_channels, neighbor_indices
 from pe.data.stacking import dedupe_rows, stacked_inputs
+from pe.models.slice_cnn import infer_study, preprocess_study, run_batches
+from pe.rspect import STUDY
 
 RoiRows = tuple[np.ndarray, np.ndarray, int]  # (boxes (n, 4), found (n,), size of the pixels they are in)
+
+
+def roi_lookup(cache_dir: Path) -> dict[str, RoiRows]:
+    """Study → its CACHE/rois.parquet rows in slice order (boxes, found, size): the ROI crop modes."""
+    from pe.data.cache import load_rois
+
+    rois = load_rois(cache_dir).sort_values([STUDY, "slice_index"], kind="stable")
+    return {str(study): (g[["x0", "y0", "x1", "y1"]].to_numpy(np.float64), g["found"].to_numpy(bool),
+                         int(g["size"].iloc[0]))
+            for study, g in rois.groupby(STUDY, sort=False)}
+
+
+def roi_boxes_of(images: np.ndarray, cfg: Any, rois: RoiRows | None, where: str = "") -> np.ndarray:
+    """(n, 4) crop box per centre slice of a study's ``images`` from its ROI rows (``where`` names
+    their source in the error when they are missing or do not match the slices)."""
+    if rois is None or len(rois[0]) != len(images):
+        got = "none" if rois is None else f"{len(rois[0])} rows"
+        raise ValueError(f"{where or 'ROI boxes'}: crop_mode={cfg.crop_mode} needs one ROI box per slice; "
+                         f"{len(images)} slices, {got}")
+    return study_roi_boxes(rois[0], rois[1], cfg, images.shape[1], rois[2])
+
+
+def study_inputs(images: np.ndarray, cfg: Any, rows: Sequence[int], lung_box: Sequence[float] | None,
+                 rois: RoiRows | None, where: str = "") -> tuple[torch.Tensor, list[tuple[int, int, int, int] | None]]:
+    """The model inputs of slices ``rows`` of a z-ordered study, cut as the CNN was trained (the lung
+    box, or per-centre ROI crops from ``rois`` in the ROI modes), and per row the crop (x0, y0, x1, y1
+    in the pixels of ``images``, None: uncropped) its input was cut from, for mapping boxes into it."""
+    h, w = images.shape[1], images.shape[2]
+    if roi_mode(cfg) is None:
+        crop = clip_box(lung_box, h, w) if cfg.crop_lung else None
+        return preprocess_study(images, cfg, crop, rows), [crop] * len(rows)
+    boxes = roi_boxes_of(images, cfg, rois, where)
+    return preprocess_rois(images, cfg, boxes, rows), [clip_box(boxes[int(i)], h, w) for i in rows]
 
 
 def preprocess_rois(images: np.ndarray, cfg: Any, boxes: np.ndarray, indices: Sequence[int] | None = None,
@@ -46,14 +82,8 @@ def infer_cropped(model: torch.nn.Module, cfg: Any, images: np.ndarray, box: Seq
     """(probs (n,), embeddings (n, D) float32) of a z-ordered study: ``infer_study`` with the lung
     ``box`` when ``cfg`` does not crop to the ROI, else per-centre ROI crops from ``rois`` (the
     study's stored or recomputed ROI rows; ``where`` names their source in errors)."""
-    from pe.models.slice_cnn import infer_study, run_batches
-
     if roi_mode(cfg) is None:
         return infer_study(model, cfg, images, box=box, device=str(device), batch_size=batch_size, amp=amp)
-    if rois is None or len(rois[0]) != len(images):
-        got = "none" if rois is None else f"{len(rois[0])} rows"
-        raise ValueError(f"{where or 'ROI boxes'}: crop_mode={cfg.crop_mode} needs one ROI box per slice; "
-                         f"{len(images)} slices, {got}")
-    boxes = study_roi_boxes(rois[0], rois[1], cfg, images.shape[1], rois[2])
+    boxes = roi_boxes_of(images, cfg, rois, where)
     return run_batches(model, cfg, len(images), lambda rows, dev: preprocess_rois(images, cfg, boxes, rows, dev),
                        device, batch_size, amp)

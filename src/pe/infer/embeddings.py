@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from pe import paths
 from pe.anatomy.roi import roi_mode
-from pe.anatomy.roi_crop import RoiRows, infer_cropped
+from pe.anatomy.roi_crop import infer_cropped, roi_lookup
 from pe.config import resolve_paths
 from pe.data.cache import load_boxes, load_index, load_study_images
 from pe.data.folds import load_folds
@@ -101,16 +101,6 @@ def _box_lookup(cache_dir: Path) -> dict[str, tuple[int, int, int, int]]:
     boxes = load_boxes(cache_dir)
     return {str(r[STUDY]): (int(r["x0"]), int(r["y0"]), int(r["x1"]), int(r["y1"]))
             for r in boxes.to_dict("records")}
-
-
-def _roi_lookup(cache_dir: Path) -> dict[str, RoiRows]:
-    """Study → its CACHE/rois.parquet rows in slice order (boxes, found, size): the ROI crop modes."""
-    from pe.data.cache import load_rois
-
-    rois = load_rois(cache_dir).sort_values([STUDY, "slice_index"], kind="stable")
-    return {str(study): (g[["x0", "y0", "x1", "y1"]].to_numpy(np.float64), g["found"].to_numpy(bool),
-                         int(g["size"].iloc[0]))
-            for study, g in rois.groupby(STUDY, sort=False)}
 
 
 def part_path(exp: str, fold: int, split: str, study: str) -> Path:
@@ -222,7 +212,7 @@ def export_fold(exp: str, fold: int, split: str, device: str | torch.device | No
         use_roi = roi_mode(cfg) is not None
         ctx = {"maps": maps, "use_roi": use_roi, "cache_dir": cache_dir,
                "boxes": _box_lookup(cache_dir) if getattr(cfg, "crop_lung", False) and not use_roi else {},
-               "rois": _roi_lookup(cache_dir) if use_roi else {},
+               "rois": roi_lookup(cache_dir) if use_roi else {},
                "projection": None if maps is None else np.load(out_dir / "maps" / "projection.npy")}
         meta = _meta_sops(meta_split(split)).set_index(SOP)
         cidx = cindex[cindex[STUDY].isin(set(todo))].sort_values([STUDY, "slice_index"])

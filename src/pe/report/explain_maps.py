@@ -16,14 +16,14 @@ import torch
 from tqdm import tqdm
 
 from pe import paths
+from pe.anatomy.roi import roi_mode
+from pe.anatomy.roi_crop import roi_lookup, study_inputs
 from pe.config import resolve_paths
 from pe.data.cache import load_boxes, load_index, load_study_images
-from pe.data.slices import clip_box
 from pe.explain.cam import grad_cam, logit_of
 from pe.explain.ig import integrated_gradients
 from pe.explain.pointing import boxes_to_input_frame, fill_boxes, pointing_game
 from pe.models.load import load_cnn
-from pe.models.slice_cnn import preprocess_study
 from pe.report.evaluation import Evaluation, ExplainedSlice  # noqa: E402
 from pe.report.html import html_table, img  # noqa: E402
 from pe.report.inputs import cnn_oof_folds, load_embolus_boxes, original_shapes, study_folds  # noqa: E402
@@ -43,8 +43,6 @@ def explain_slices(cnn_exp: str, targets: pd.DataFrame, fold_of: pd.Series,
     (``work/models/<cnn_exp>/fold<k>/best.pt``), so no map comes from a model that saw the study.
     ``cam_layer``: dotted name of the module whose output Grad-CAM uses (default the model's
     ``gradcam_layer``, the last feature map; an earlier block gives finer but less semantic maps)."""
-
-
     dev = torch.device(device)
     out: list[ExplainedSlice] = []
     targets = targets.assign(fold=targets[STUDY].map(fold_of)).dropna(subset=["fold"])
@@ -61,22 +59,14 @@ def explain_slices(cnn_exp: str, targets: pd.DataFrame, fold_of: pd.Series,
         except Exception as e:  # name the file: torch's messages do not
             raise RuntimeError(f"{ckpt}: cannot load the CNN checkpoint: {type(e).__name__}: {e}") from e
         model.eval()
-        if cam_layer:
-            try:
-                layer = model.get_submodule(cam_layer)
-            except AttributeError as e:
-                names = [n for n, _ in model.named_modules() if n.count(".") <= 2][:40]
-                raise ValueError(f"{ckpt}: no module {cam_layer!r} in the CNN; e.g. {names}") from e
-        else:
-            layer = getattr(model, "gradcam_layer", None)
-        if layer is None:
-            raise AttributeError(f"{ckpt}: the CNN has no gradcam_layer attribute")
+        layer = _cam_module(model, ckpt, cam_layer)
         cache_dir = resolve_paths(cfg)[0]
         cindex = load_index(cache_dir)
         crop_boxes = {}
-        if getattr(cfg, "crop_lung", False):
+        if getattr(cfg, "crop_lung", False) and roi_mode(cfg) is None:
             crop_boxes = {str(r[STUDY]): (int(r["x0"]), int(r["y0"]), int(r["x1"]), int(r["y1"]))
                           for r in load_boxes(cache_dir).to_dict("records")}
+        rois = roi_lookup(cache_dir) if roi_mode(cfg) is not None else {}
         centre = 3 * int(getattr(cfg, "neighbors", 0)) + 1  # G (PE window) of the centre slice
         for study, ts in tqdm(tf.groupby(STUDY), desc=f"explain {cnn_exp}/fold{fold}", leave=False,
                               disable=None):  # None: no bar when stderr is not a terminal (logs)
@@ -87,15 +77,17 @@ def explain_slices(cnn_exp: str, targets: pd.DataFrame, fold_of: pd.Series,
             if np.isnan(rows.astype(float)).any():
                 raise ValueError(f"{cache_dir}/index.parquet: some slices of study {study} are not cached")
             images = load_study_images(cache_dir, study, cindex)
-            # The crop the model input was really cut from (clip_box may round it or drop a tiny box).
-            crop = clip_box(crop_boxes.get(study), images.shape[1], images.shape[2])
-            x = preprocess_study(images, cfg, crop, [int(r) for r in rows]).float().to(dev)
+            # As the CNN was trained (lung box or per-centre ROI crops), and per row the crop its input
+            # was really cut from (clip_box may round it or drop a tiny box).
+            x, crops = study_inputs(images, cfg, [int(r) for r in rows], crop_boxes.get(study), rois.get(study),
+                                    where=f"{cache_dir / 'rois.parquet'} (study {study})")
+            x = x.float().to(dev)
             cams = np.concatenate([grad_cam(model, xb, layer) for xb in x.split(batch_size)])
             igs = (np.concatenate([integrated_gradients(model, xb, steps=ig_steps) for xb in x.split(batch_size)])
                    if ig else None)
             h, w = x.shape[-2:]
             frame_boxes: list[np.ndarray | None] = []
-            for r in ts.itertuples(index=False):
+            for r, crop in zip(ts.itertuples(index=False), crops, strict=True):
                 sop = str(getattr(r, SOP))
                 b = None
                 if by_box is not None and shapes is not None and sop in by_box and sop in shapes.index:
@@ -115,6 +107,20 @@ def explain_slices(cnn_exp: str, targets: pd.DataFrame, fold_of: pd.Series,
     return out
 
 log = logging.getLogger(__name__)
+
+
+def _cam_module(model: torch.nn.Module, ckpt: Path, cam_layer: str | None) -> torch.nn.Module:
+    """The module whose output Grad-CAM uses: ``cam_layer`` by dotted name, else ``gradcam_layer``."""
+    if cam_layer:
+        try:
+            return model.get_submodule(cam_layer)
+        except AttributeError as e:
+            names = [n for n, _ in model.named_modules() if n.count(".") <= 2][:40]
+            raise ValueError(f"{ckpt}: no module {cam_layer!r} in the CNN; e.g. {names}") from e
+    layer = getattr(model, "gradcam_layer", None)
+    if layer is None:
+        raise AttributeError(f"{ckpt}: the CNN has no gradcam_layer attribute")
+    return layer
 
 
 def pointing_results(slices: Sequence[ExplainedSlice]) -> dict[str, Any]:
