@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--splits", nargs="+", choices=["train", "test"], default=["test"], help="splits to predict")
     ap.add_argument("--out", default=None, help="output folder (default work/localize/<exp>/student)")
     ap.add_argument("--retrain", action="store_true", help="train again even when model.pt exists")
-    ap.add_argument("--max-studies", type=int, default=None, help="first N studies per split (smoke runs)")
+    ap.add_argument("--max-studies", type=int, default=None, help="first N studies of each split to predict (smoke runs); training uses every study stage 11 labelled")
     ap.add_argument("--crop", type=int, nargs=3, default=[16, 64, 64], metavar=("Z", "Y", "X"),
                     help="training crop and sliding window (paper: 64 128 128)")
     ap.add_argument("--filters", type=int, nargs="+", default=[8, 16, 32], help="DynUNet filters per level (3 levels)")

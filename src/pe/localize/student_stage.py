@@ -51,7 +51,7 @@ class StudentStageConfig:
     seg: Seg3DConfig = field(default_factory=Seg3DConfig)
     min_voxels_512: float | None = 100.0  # filter of the predicted clusters, as the teacher's
     max_dist_512: float | None = 160.0
-    max_studies: int | None = None  # per split, first N (sorted ids): smoke runs
+    max_studies: int | None = None  # first N (sorted ids) of each split to predict: smoke runs
     retrain: bool = False
     cache_dir: str | None = None  # default: the cache of the stage-04 experiment's config
 
@@ -77,9 +77,11 @@ def load_student(path: Path) -> tuple[torch.nn.Module, StudentConfig, Seg3DConfi
     return model.eval(), scfg, seg
 
 
-def _training_set(exp: str, cache_dir: Path, index, boxes, limit: int | None) -> tuple[list, list]:
+def _training_set(exp: str, cache_dir: Path, index, boxes) -> tuple[list, list]:
+    """Every training study the teacher has labelled (its own --max-studies bounds them; the student's
+    cap is for the studies it predicts)."""
     store = PseudoMaskStore(teacher_dir(exp, "train") / "masks")
-    studies = sorted(store.done())[:limit]
+    studies = sorted(store.done())
     if not studies:
         raise FileNotFoundError(f"{store.root}: no pseudo-masks (run src/11_pseudo_masks.py --split train)")
     pos, neg = [], []
@@ -105,7 +107,7 @@ def fit_or_load(exp: str, cfg: StudentStageConfig, out: Path, cache_dir: Path, i
         print(f"{path}: reusing the trained student", file=sys.stderr)
         return load_student(path)[0]
     t0 = time.perf_counter()
-    vols, masks = _training_set(exp, cache_dir, index, boxes, cfg.max_studies)
+    vols, masks = _training_set(exp, cache_dir, index, boxes)
     with warnings.catch_warnings():  # crops of negative studies: MONAI warns that it cannot balance them
         warnings.filterwarnings("ignore", message="Num foregrounds 0")
         model, history = train_student(vols, masks, cfg.student, cfg.seg)
