@@ -170,6 +170,10 @@ def test_student_stage_end_to_end_resume_and_table(work, load_script, capsys, tm
     mtime, model_mtime = part.stat().st_mtime_ns, (root / "model.pt").stat().st_mtime_ns
     assert script.main(["--exp", EXP, *STUDENT_ARGS]) == 0  # resume: reuses model and predictions
     assert part.stat().st_mtime_ns == mtime and (root / "model.pt").stat().st_mtime_ns == model_mtime
+    # a retrained student predicts every study again (it reused the old student's predictions before)
+    assert script.main(["--exp", EXP, *STUDENT_ARGS, "--retrain"]) == 0
+    assert (root / "model.pt").stat().st_mtime_ns != model_mtime and part.stat().st_mtime_ns != mtime
+    assert PseudoMaskStore(root / "test" / "masks").done() == set(studies)
     rows = localization_table(EXP, "test", boxes, n_boot=50)
     assert rows[-1]["method"] == "student" and all(r["studies"] == len(studies) for r in rows)
     assert "F1" in format_table(rows)

@@ -16,6 +16,7 @@ loads with ``weights_only=True``; an existing one is reused unless ``retrain``),
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
 import time
 import warnings
@@ -116,6 +117,10 @@ def fit_or_load(exp: str, cfg: StudentStageConfig, out: Path, cache_dir: Path, i
             "history": [float(h) for h in history], "train_seconds": time.perf_counter() - t0,
             "train_studies": len(vols)}
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Predictions of an earlier student are stale now: remove them so that every study is predicted anew.
+    for stale in sorted(p for p in out.iterdir() if (p / "masks").is_dir()):
+        print(f"{stale}: predictions of the previous student removed", file=sys.stderr)
+        shutil.rmtree(stale)
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
     print(f"student trained on {len(vols)} studies in {ckpt['train_seconds']:.1f} s: loss "
