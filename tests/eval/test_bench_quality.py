@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -159,7 +160,8 @@ def _bench_module(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN202
 
 
 @pytest.mark.slow
-def test_benchmark_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_benchmark_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
     mod = _bench_module(monkeypatch)
     out = tmp_path / "out"
     assert mod.main(["--tiny", "--in-process", "--quiet", "--seeds", "1", "--folds", "2", "--variants", "gru_only",
@@ -218,6 +220,17 @@ def test_benchmark_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         compare(other, [parse_side(f"base={out}")], [], [0], n_boot=10)
     with pytest.raises(bm.BenchError, match="unknown side"):
         compare(other, [parse_side(f"base={out}")], ["base-x"], [0], n_boot=10)
+    # bench/compare_cams.py: a CNN compared with itself has its Grad-CAM maxima everywhere at the same pixel
+    spec = importlib.util.spec_from_file_location("compare_cams", paths.REPO_ROOT / "bench" / "compare_cams.py")
+    assert spec and spec.loader
+    cams = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cams)
+    run = out / "runs" / r["variants"]["baseline"]["seeds"]["0"]["run"]
+    capsys.readouterr()
+    assert cams.main(["--data", str(tmp_path / "phantom"), "--run", str(run), "--run", str(run), "--n", "6"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    n, same = (int(v) for v in re.match(r"(\d+) slices: Grad-CAM maxima at the same pixel on (\d+)", lines[0]).groups())
+    assert n > 0 and same == n and lines[1].split(": ", 1)[1] == lines[2].split(": ", 1)[1]
 
 
 def test_ranking_figures_read_the_beliefs_and_the_metric_the_repaired_submission(calibrated) -> None:
