@@ -12,12 +12,12 @@ cd "$(dirname "$0")/.."
 NAME=${1:?usage: demo_cnn_trial.sh NAME [key=value ...]}; shift
 [[ $NAME =~ ^[A-Za-z0-9_.-]+$ ]] || { echo "bad trial name: $NAME" >&2; exit 2; }
 PY=${PY:-.venv/bin/python}
-R=work/demo-trials/$NAME
-rm -rf "$R"; mkdir -p "$R"
-export PE_DATA_DIR=$R/data PE_WORK_DIR=$R/work PE_OOF_DIR=$R/oof PE_REPORTS_DIR=$R/reports
 FOLDS=${FOLDS:-2}
 [[ $FOLDS =~ ^[2-9]$ ]] || { echo "FOLDS must be 2-9, got $FOLDS" >&2; exit 2; }
 FOLD_LIST=$(seq -s, 0 $((FOLDS - 1)))
+R=work/demo-trials/$NAME
+rm -rf "$R"; mkdir -p "$R"
+export PE_DATA_DIR=$R/data PE_WORK_DIR=$R/work PE_OOF_DIR=$R/oof PE_REPORTS_DIR=$R/reports
 T0=$(date +%s)
 $PY src/00_make_phantom.py --out "$R/data" --train-studies "${TRAIN:-72}" --test-studies 10 --seed 0 \
   --size 512 --min-slices "${MINS:-30}" --max-slices "${MAXS:-50}" --positive-rate "${POS:-0.7}" >/dev/null 2>&1
