@@ -4,8 +4,9 @@
    each side (3 JPEG reads of a 512 px cache, lung crop, resize, augmentation, normalisation), on a
    synthetic 512 px cache written to a temporary folder;
 2. the demo config's training steps/s on CPU (forward + backward + AdamW on random inputs, the
-   trainer's loss), channels_last against NCHW, and with the shi2020 attention loss against plain CE
-   in the same run (issue 15: the cost of the double backward);
+   trainer's loss), channels_last against NCHW, bf16 autocast on the CPU (``cpu_amp``) against
+   float32, and with the shi2020 attention loss against plain CE in the same run (issue 15: the cost
+   of the double backward);
 3. how many loader workers a GPU needs at the measured rate, for GPU training rates derived from
    timm's published benchmark (results/benchmark-train-amp-nhwc-pt112-cu113-rtx3090.csv in
    huggingface/pytorch-image-models: AMP, channels-last, RTX 3090), scaled by pixel count.
@@ -64,15 +65,17 @@ def loader_rate(cache: dict[str, Path], n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def demo_step_rate(steps: int, channels_last: bool | None = None,
-                   attention: bool = False) -> tuple[float, CNNConfig]:
-    """Train steps/s of the demo config (its threads; channels_last as configured unless given).
+def demo_step_rate(steps: int, channels_last: bool | None = None, attention: bool = False,
+                   cpu_amp: bool = False) -> tuple[float, CNNConfig]:
+    """Train steps/s of the demo config (its threads; channels_last as configured unless given;
+    float32 unless ``cpu_amp``: the forward under bf16 autocast, as the trainer runs it).
 
     ``attention``: the loss is CE + the shi2020 attention term (Grad-CAM inside the graph, double
     backward) with every sample annotated (a random 1/8-area box mask), its most expensive case."""
     cfg = load_config(CNNConfig, paths.CONFIGS_DIR / "demo.yaml")
     if channels_last is not None:
         cfg.channels_last = channels_last
+    cfg.cpu_amp = cpu_amp
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)
@@ -92,12 +95,13 @@ def demo_step_rate(steps: int, channels_last: bool | None = None,
              "exam": torch.zeros(cfg.batch_size, 9)}
 
     def step() -> None:
-        if attention:
-            with capture_features(model.gradcam_layer) as feats:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_amp):
+            if attention:
+                with capture_features(model.gradcam_layer) as feats:
+                    out = model(x)
+                out = {**out, "features": feats.value}
+            else:
                 out = model(x)
-            out = {**out, "features": feats.value}
-        else:
-            out = model(x)
         loss = loss_fn(batch, out)
         loss.backward()
         opt.step()
@@ -132,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     base, _ = demo_step_rate(args.steps, channels_last=False)
     steps, cfg = demo_step_rate(args.steps)
     print(f"demo model ({cfg.backbone} at {cfg.img_size} px, batch {cfg.batch_size}, {torch.get_num_threads()} "
-          f"threads, channels_last={cfg.channels_last}): {steps:.2f} train steps/s = "
+          f"threads, channels_last={cfg.channels_last}, float32): {steps:.2f} train steps/s = "
           f"{steps * cfg.batch_size:.0f} samples/s on CPU; NCHW baseline {base:.2f} steps/s "
           f"({steps / base:.2f}x)")
+    bf16, _ = demo_step_rate(args.steps, cpu_amp=True)
+    print(f"same model with cpu_amp (bf16 autocast; oneDNN, AMX / AVX512-BF16 where the CPU has them): {bf16:.2f} "
+          f"train steps/s = {bf16 * cfg.batch_size:.0f} samples/s, {bf16 / steps:.2f}x the float32 step above")
     att, _ = demo_step_rate(args.steps, attention=True)
     print(f"attention loss (shi2020, every sample annotated, same model and batch): {att:.2f} train steps/s = "
           f"{att * cfg.batch_size:.0f} samples/s, {steps / att:.2f}x the time of the CE step above")

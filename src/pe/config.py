@@ -185,6 +185,11 @@ class CNNConfig:
     ema_decay: float = 0.999
     amp: bool = True  # CUDA only
     amp_dtype: str = "fp16"  # fp16 (GradScaler; P100/V100/T4) | bf16 (A100+)
+    # bf16 autocast on the CPU as well (training, validation, embedding export): oneDNN runs the
+    # convolutions in bf16 on CPUs with AMX / AVX512-BF16 (make bench-loader prints the step ratio).
+    # Off everywhere: on the demo it made the CNN stage 1.35x faster but cost pooled OOF slice AUC
+    # (0.837 vs 0.876, README demo section).
+    cpu_amp: bool = False
     channels_last: bool = True  # NHWC activations: cuDNN on CUDA, oneDNN on the CPU (make bench-loader)
     compile: bool = False  # torch.compile the training forward (CUDA or CPU; make bench-gpu measures it)
     # --- run ---

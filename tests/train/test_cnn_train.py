@@ -23,6 +23,7 @@ from pe.data.slices import EpochBatchSampler, build_slice_table
 from pe.models.load import load_cnn
 from pe.synthetic.caches import write_synthetic_cache
 from pe.train.cnn import SimulatedCrash, train_fold
+from pe.train.core import amp_settings
 from pe.train.core import warmup_cosine as lr_factor
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,12 +52,24 @@ def test_lr_schedule_warmup_then_cosine() -> None:
     assert f[99] == pytest.approx(0.01, abs=2e-3)
 
 
+def test_amp_settings_per_device() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_settings(cpu, True, "fp16") == (False, torch.bfloat16)  # `amp` is a CUDA option
+    assert amp_settings(cpu, False, "fp16", cpu_amp=True) == (True, torch.bfloat16)  # the CPU: bf16 only
+    assert amp_settings(cuda, True, "fp16") == (True, torch.float16)
+    assert amp_settings(cuda, True, "bf16", cpu_amp=True) == (True, torch.bfloat16)
+    assert amp_settings(cuda, False, "bf16", cpu_amp=True)[0] is False
+    with pytest.raises(ValueError, match="amp_dtype"):
+        amp_settings(cpu, True, "fp8")
+
+
+@pytest.mark.parametrize("cpu_amp", [False, True], ids=["fp32", "cpu_bf16"])
 def test_demo_model_learns_on_held_out_fold(fake: dict[str, Path], tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+                                            monkeypatch: pytest.MonkeyPatch, cpu_amp: bool) -> None:
     monkeypatch.setenv("PE_WORK_DIR", str(tmp_path / "work"))
     monkeypatch.setenv("PE_OOF_DIR", str(tmp_path / "oof"))
     cfg = _cfg(fake, "learn", ["img_size=64", "epochs=4", "val_every=1", "batch_size=16", "neg_per_epoch_frac=0.5",
-                               "pos_oversample=1.5", "lr=3e-3"])
+                               "pos_oversample=1.5", "lr=3e-3", f"cpu_amp={str(cpu_amp).lower()}"])
     run = train_fold(cfg, fold=0)
     assert run == paths.run_dir("learn", 0)
     assert {p.name for p in run.iterdir()} == {"config.yaml", "metrics.jsonl", "last.pt", "best.pt"}

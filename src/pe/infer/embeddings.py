@@ -162,11 +162,11 @@ def _embed_study(model: torch.nn.Module, cfg: object, images: np.ndarray, study:
     with MapCapture(model, reductions) as cap:
         if ctx["use_roi"]:  # per-centre ROI crops, as SliceDataset trains them
             probs, emb = infer_cropped(model, cfg, images, rois=ctx["rois"].get(study), device=dev,
-                                       batch_size=batch_size, amp=dev.type == "cuda",
+                                       batch_size=batch_size, amp=True,
                                        where=f"{ctx['cache_dir'] / 'rois.parquet'} (study {study})")
         else:
             probs, emb = infer_study(model, cfg, images, box=ctx["boxes"].get(study), device=dev,
-                                     batch_size=batch_size, amp=dev.type == "cuda")
+                                     batch_size=batch_size, amp=True)
     maps = None
     if spec is not None:
         maps = cap.maps("maps")

@@ -184,11 +184,12 @@ def run_batches(model: nn.Module, cfg: CNNConfig, n: int,
     """(probs (n,), embeddings (n, D) float32) of ``model`` over inputs ``make_inputs(rows, device)``
     built one batch at a time, so memory stays at one batch even for 1,000-slice studies."""
     model.eval()
-    use_amp, amp_dtype = amp_settings(torch.device(device), amp and cfg.amp, cfg.amp_dtype)
+    dev = torch.device(device)
+    use_amp, amp_dtype = amp_settings(dev, amp and cfg.amp, cfg.amp_dtype, amp and cfg.cpu_amp)
     probs, embs = [], []
     for s in range(0, n, batch_size):
         x = make_inputs(range(s, min(s + batch_size, n)), device)
-        with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
             out = model(x)
         probs.append(torch.sigmoid(out["logit"].float()).cpu().numpy())
         embs.append(out["embedding"].float().cpu().numpy())

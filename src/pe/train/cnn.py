@@ -260,7 +260,7 @@ class Trainer:
         self.ema = make_ema(model, cfg.ema, cfg.ema_decay)
         self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, warmup, self.total_steps, cfg.min_lr / cfg.lr)
-        self.use_amp, self.amp_dtype = amp_settings(self.device, cfg.amp, cfg.amp_dtype)
+        self.use_amp, self.amp_dtype = amp_settings(self.device, cfg.amp, cfg.amp_dtype, cfg.cpu_amp)
         self.scaler = make_scaler(self.use_amp, self.amp_dtype)
         self.loss_fn = self.loss_fn or build_cnn_loss(cfg, model.logit_offset)
         self.attention = cfg.attention_lambda > 0

@@ -78,10 +78,14 @@ def make_ema(model: nn.Module, enabled: bool, decay: float) -> nn.Module | None:
     return ModelEmaV3(model, decay=decay)
 
 
-def amp_settings(device: torch.device, amp: bool, amp_dtype: str) -> tuple[bool, torch.dtype]:
-    """(autocast enabled, dtype): AMP runs on CUDA only; fp16 needs a GradScaler, bf16 does not."""
+def amp_settings(device: torch.device, amp: bool, amp_dtype: str,
+                 cpu_amp: bool = False) -> tuple[bool, torch.dtype]:
+    """(autocast enabled, dtype): ``amp`` on CUDA (fp16 needs a GradScaler, bf16 does not);
+    ``cpu_amp`` on the CPU, always bf16 (CPU autocast has no use for fp16)."""
     if amp_dtype not in ("fp16", "bf16"):
         raise ValueError(f"amp_dtype must be 'fp16' or 'bf16', got {amp_dtype!r}")
+    if device.type == "cpu":
+        return cpu_amp, torch.bfloat16
     return device.type == "cuda" and amp, torch.bfloat16 if amp_dtype == "bf16" else torch.float16
 
 
