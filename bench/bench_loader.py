@@ -40,6 +40,7 @@ from pe.data.slices import SliceDataset, build_augment, build_slice_table
 from pe.models.slice_cnn import build_model  # noqa: E402
 from pe.synthetic.caches import write_synthetic_cache
 from pe.train.attention import capture_features  # noqa: E402
+from pe.train.core import amp_settings  # noqa: E402
 from pe.train.losses import build_cnn_loss  # noqa: E402
 
 # timm benchmark (RTX 3090, AMP, NHWC, train step): samples/s at the benchmark's image size.
@@ -76,6 +77,7 @@ def demo_step_rate(steps: int, channels_last: bool | None = None, attention: boo
     if channels_last is not None:
         cfg.channels_last = channels_last
     cfg.cpu_amp = cpu_amp
+    use_amp, amp_dtype = amp_settings(torch.device("cpu"), cfg.amp, cfg.amp_dtype, cfg.cpu_amp)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)
@@ -95,7 +97,7 @@ def demo_step_rate(steps: int, channels_last: bool | None = None, attention: boo
              "exam": torch.zeros(cfg.batch_size, 9)}
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_amp):
+        with torch.autocast("cpu", dtype=amp_dtype, enabled=use_amp):  # as the trainer decides it
             if attention:
                 with capture_features(model.gradcam_layer) as feats:
                     out = model(x)

@@ -21,6 +21,7 @@ from pe.data.cache import load_boxes, load_index
 from pe.data.folds import load_folds
 from pe.data.slices import EpochBatchSampler, build_slice_table
 from pe.models.load import load_cnn
+from pe.models.slice_cnn import run_batches
 from pe.synthetic.caches import write_synthetic_cache
 from pe.train.cnn import SimulatedCrash, train_fold
 from pe.train.core import amp_settings
@@ -70,7 +71,19 @@ def test_demo_model_learns_on_held_out_fold(fake: dict[str, Path], tmp_path: Pat
     monkeypatch.setenv("PE_OOF_DIR", str(tmp_path / "oof"))
     cfg = _cfg(fake, "learn", ["img_size=64", "epochs=4", "val_every=1", "batch_size=16", "neg_per_epoch_frac=0.5",
                                "pos_oversample=1.5", "lr=3e-3", f"cpu_amp={str(cpu_amp).lower()}"])
-    run = train_fold(cfg, fold=0)
+    conv_dtypes: set[torch.dtype] = set()  # what the convolutions ran in: bf16 only under cpu_amp
+    seen = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, _inp, out: conv_dtypes.add(out.dtype) if isinstance(mod, torch.nn.Conv2d) else None)
+    try:
+        run = train_fold(cfg, fold=0)
+        assert conv_dtypes == ({torch.bfloat16} if cpu_amp else {torch.float32})
+        # the export path (pe.models.slice_cnn.run_batches) follows the saved config the same way
+        model, cfg2 = load_cnn(run / "best.pt")
+        conv_dtypes.clear()
+        _, emb = run_batches(model, cfg2, 3, lambda rows, dev: torch.rand(len(rows), 9, 64, 64, device=dev))
+        assert conv_dtypes == ({torch.bfloat16} if cpu_amp else {torch.float32}) and emb.dtype == np.float32
+    finally:
+        seen.remove()
     assert run == paths.run_dir("learn", 0)
     assert {p.name for p in run.iterdir()} == {"config.yaml", "metrics.jsonl", "last.pt", "best.pt"}
     metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
@@ -88,9 +101,8 @@ def test_demo_model_learns_on_held_out_fold(fake: dict[str, Path], tmp_path: Pat
     auc = roc_auc_score(y["pe_present_on_image"], y["prob"])
     assert auc >= 0.90, f"held-out slice AUC {auc:.3f} (chance 0.5)"
     assert min(m["val_loss"] for m in metrics) < metrics[0]["val_loss"] or metrics[0]["val_auc"] >= 0.9
-    # best.pt loads through the public API and reproduces the OOF probabilities' order of quality.
-    model, cfg2 = load_cnn(run / "best.pt")
-    assert cfg2.name == "learn" and model.embedding_dim > 0
+    # best.pt loaded through the public API above, with its config.
+    assert cfg2.name == "learn" and cfg2.cpu_amp is cpu_amp and model.embedding_dim > 0
 
 
 def _train_until(fake: dict[str, Path], root: Path, monkeypatch: pytest.MonkeyPatch, extra: list[str],
