@@ -7,6 +7,7 @@
 #   bash bench/demo_cnn_trial.sh e20 epochs=20 val_every=10       # a config override
 #   TRAIN=120 MINS=20 MAXS=30 bash bench/demo_cnn_trial.sh short  # another phantom
 #   FOLDS=3 bash bench/demo_cnn_trial.sh n3                       # 3 folds instead of the demo's 2
+#   CACHE=512 bash bench/demo_cnn_trial.sh c512                   # another JPEG cache size (sets cache_size too)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=${1:?usage: demo_cnn_trial.sh NAME [key=value ...]}; shift
@@ -14,6 +15,8 @@ NAME=${1:?usage: demo_cnn_trial.sh NAME [key=value ...]}; shift
 PY=${PY:-.venv/bin/python}
 FOLDS=${FOLDS:-2}
 [[ $FOLDS =~ ^[2-9]$ ]] || { echo "FOLDS must be 2-9, got $FOLDS" >&2; exit 2; }
+CACHE=${CACHE:-256}
+[[ $CACHE =~ ^[0-9]+$ ]] || { echo "CACHE must be a size in pixels, got $CACHE" >&2; exit 2; }
 FOLD_LIST=$(seq -s, 0 $((FOLDS - 1)))
 R=work/demo-trials/$NAME
 rm -rf "$R"; mkdir -p "$R"
@@ -23,10 +26,10 @@ $PY src/00_make_phantom.py --out "$R/data" --train-studies "${TRAIN:-72}" --test
   --size 512 --min-slices "${MINS:-30}" --max-slices "${MAXS:-50}" --positive-rate "${POS:-0.7}" >/dev/null 2>&1
 T1=$(date +%s)
 $PY src/01_parse_metadata.py --data-dir "$R/data" --split train --out "$R/work/meta/train.parquet" >/dev/null 2>&1
-$PY src/02_cache_images.py --meta "$R/work/meta/train.parquet" --out "$R/work/cache/jpeg256" --size 256 >/dev/null 2>&1
+$PY src/02_cache_images.py --meta "$R/work/meta/train.parquet" --out "$R/work/cache/jpeg$CACHE" --size "$CACHE" >/dev/null 2>&1
 $PY src/03_make_folds.py --meta "$R/work/meta/train.parquet" --out "$R/work/folds.csv" --n-folds "$FOLDS" --seed 42 >/dev/null
 T2=$(date +%s)
-$PY src/04_train_cnn.py --config src/configs/demo.yaml --fold "$FOLD_LIST" progress=false "$@" 2>&1 | grep "val_auc\|preloaded"
+$PY src/04_train_cnn.py --config src/configs/demo.yaml --fold "$FOLD_LIST" progress=false cache_size="$CACHE" "$@" 2>&1 | grep "val_auc\|preloaded"
 T3=$(date +%s)
 $PY - "$R" "$NAME" $((T1 - T0)) $((T2 - T1)) $((T3 - T2)) <<'PY'
 import sys
@@ -41,4 +44,17 @@ truth = pd.read_csv(root / "data/train.csv", usecols=["SOPInstanceUID", "pe_pres
 m = oof.merge(truth, on="SOPInstanceUID", validate="one_to_one")
 print(f"{name}: pooled OOF slice AUC {roc_auc_score(m.pe_present_on_image, m.prob):.4f} on {len(m)} slices "
       f"({int(m.pe_present_on_image.sum())} positive); phantom {t_ph} s, stages 01-03 {t_prep} s, CNN {t_cnn} s")
+# Which positives the CNN misses: AUC of the positive slices grouped by their largest embolus box
+# (pixels of the 512 px slice) against all negative slices.
+boxes = pd.read_csv(root / "data/train_boxes.csv")
+area = (boxes.width * boxes.height).groupby(boxes.SOPInstanceUID).max().rename("area")
+m = m.merge(area, left_on="SOPInstanceUID", right_index=True, how="left")
+neg, pos = m[m.pe_present_on_image == 0], m[m.pe_present_on_image == 1]
+parts = []
+for lo, hi in [(0, 80), (80, 160), (160, None)]:
+    p = pos[(pos.area >= lo) & ((pos.area < hi) if hi else True)]
+    if len(p):
+        y = [1] * len(p) + [0] * len(neg)
+        parts.append(f"{lo}-{hi or ''} px2: {roc_auc_score(y, pd.concat([p.prob, neg.prob])):.3f} (n={len(p)})")
+print(f"{name}: slice AUC of the positives by largest embolus box vs all negatives: " + "; ".join(parts))
 PY
