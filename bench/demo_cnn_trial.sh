@@ -16,7 +16,7 @@ PY=${PY:-.venv/bin/python}
 FOLDS=${FOLDS:-2}
 [[ $FOLDS =~ ^[2-9]$ ]] || { echo "FOLDS must be 2-9, got $FOLDS" >&2; exit 2; }
 CACHE=${CACHE:-256}
-[[ $CACHE =~ ^[0-9]+$ ]] || { echo "CACHE must be a size in pixels, got $CACHE" >&2; exit 2; }
+[[ $CACHE =~ ^[1-9][0-9]*$ ]] || { echo "CACHE must be a size in pixels, got $CACHE" >&2; exit 2; }
 FOLD_LIST=$(seq -s, 0 $((FOLDS - 1)))
 R=work/demo-trials/$NAME
 rm -rf "$R"; mkdir -p "$R"
@@ -56,5 +56,7 @@ for lo, hi in [(0, 80), (80, 160), (160, None)]:
     if len(p):
         y = [1] * len(p) + [0] * len(neg)
         parts.append(f"{lo}-{hi or ''} px2: {roc_auc_score(y, pd.concat([p.prob, neg.prob])):.3f} (n={len(p)})")
+if pos.area.isna().any():
+    parts.append(f"{int(pos.area.isna().sum())} positives without a box left out")
 print(f"{name}: slice AUC of the positives by largest embolus box vs all negatives: " + "; ".join(parts))
 PY
