@@ -1,7 +1,7 @@
 """The project's quality benchmark (``make bench-quality``): can a change be told apart from luck?
 
     python bench/bench_quality.py [--data-dir DIR] [--variants NAME ...] [--seeds N] [--folds K]
-                                  [--out DIR] [--scale F | --train-studies N ...] [--tiny]
+                                  [--first-seed S] [--out DIR] [--scale F | --train-studies N ...] [--tiny]
 
 Protocol: the real pipeline, through the numbered scripts (subprocesses; their command lines are
 the stable contracts), for the baseline and every variant (src/configs/bench/<name>.yaml) and each
@@ -185,7 +185,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--test-truth", type=Path, help="train.csv-format labels of DIR/test (else hold out)")
     ap.add_argument("--holdout", type=float, default=0.25, help="held-out share of train/ when needed")
     ap.add_argument("--variants", nargs="*", default=[], help="names in src/configs/bench/ besides baseline")
-    ap.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 of every variant (paired)")
+    ap.add_argument("--seeds", type=int, default=2, help="seeds S..S+N-1 of every variant (paired)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="S: the first seed (fresh seeds to confirm a result seen with seeds 0..N-1)")
     ap.add_argument("--folds", type=int, default=2, help="K folds of the training part")
     ap.add_argument("--out", type=Path, help="output folder (default reports/bench-quality/<date-time>)")
     ap.add_argument("--work-root", type=Path, default=REPO / "work" / "bench-quality",
@@ -203,8 +205,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--in-process", action="store_true",
                     help="call each script's main() in this process instead of a subprocess (tests)")
     args = ap.parse_args(argv)
-    if args.seeds < 1 or args.folds < 2:
-        ap.error("need --seeds >= 1 and --folds >= 2")
+    if args.seeds < 1 or args.folds < 2 or args.first_seed < 0:
+        ap.error("need --seeds >= 1, --folds >= 2 and --first-seed >= 0")
     sizes = dict(TINY if args.tiny else DEFAULT)
     sizes["train_studies"] = max(4, round(sizes["train_studies"] * args.scale))
     sizes["test_studies"] = max(2, round(sizes["test_studies"] * args.scale))
@@ -330,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
     variants = [bm.load_variant("baseline")] + [bm.load_variant(n) for n in args.variants if n != "baseline"]
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "predictions").mkdir(exist_ok=True)

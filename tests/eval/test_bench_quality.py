@@ -164,15 +164,20 @@ def test_benchmark_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPat
                                    capsys: pytest.CaptureFixture[str]) -> None:
     mod = _bench_module(monkeypatch)
     out = tmp_path / "out"
-    assert mod.main(["--tiny", "--in-process", "--quiet", "--seeds", "1", "--folds", "2", "--variants", "gru_only",
-                     "voting_head", "--out", str(out), "--work-root", str(tmp_path / "wr"),
+    assert mod.main(["--tiny", "--in-process", "--quiet", "--seeds", "1", "--first-seed", "1", "--folds", "2",
+                     "--variants", "gru_only", "voting_head", "--out", str(out), "--work-root", str(tmp_path / "wr"),
                      "--phantom-dir", str(tmp_path / "phantom")]) == 0
     r = json.loads((out / "results.json").read_text())
+    # --first-seed 1: seed 1 only (fold seed 43, config seeds + 1), in its own run folder
+    assert r["seeds"] == [1] and all(list(v["seeds"]) == ["1"] for v in r["variants"].values())
+    cnn_cfg = yaml.safe_load(next((out / "runs").glob("cnn-*-s1/work/models/cnn/fold0/config.yaml")).read_text())
+    assert cnn_cfg["seed"] == bm.config_seed(bm.load_variant("baseline").cnn) + 1
+    assert not list((out / "runs").glob("cnn-*-s0"))
     truth = read_truth(tmp_path / "phantom" / "phantom_test_labels.csv")
     test_ids = pd.read_csv(tmp_path / "phantom" / "test.csv", dtype=str)
     assert r["n_heldout_studies"] == test_ids[STUDY].nunique()
     for name in ("baseline", "gru_only"):
-        seed0 = r["variants"][name]["seeds"]["0"]
+        seed0 = r["variants"][name]["seeds"]["1"]
         pred = read_submission(out / seed0["predictions"])
         assert len(pred) == len(test_ids) + len(EXAM_LABELS) * test_ids[STUDY].nunique()
         bd = metric.score_breakdown(pred, truth)
@@ -196,7 +201,7 @@ def test_benchmark_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         lo, est, hi = (seed0["figures"]["score"][k] for k in ("low", "estimate", "high"))
         assert lo <= est <= hi
     # the voting head gives the exam PE rows: one probability per call (called / not called)
-    seed0 = r["variants"]["voting_head"]["seeds"]["0"]
+    seed0 = r["variants"]["voting_head"]["seeds"]["1"]
     raw = read_submission(seed0["predictions_before_repair"])
     spec = json.loads((out / "runs" / seed0["run"] / "oof" / "ens_voting_head" / "weights.json").read_text())
     neg = raw.loc[raw["id"].str.endswith("_negative_exam_for_pe"), "label"]
@@ -208,24 +213,24 @@ def test_benchmark_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert "metric" in (out / "table.txt").read_text()
     # bench/compare_runs.py recomputes the same figures from the run folders, and its contrasts pair
     cmp = compare(tmp_path / "phantom" / "phantom_test_labels.csv",
-                  [parse_side(f"base={out}:baseline"), parse_side(f"gru={out}:gru_only")], ["gru-base"], [0], n_boot=50)
+                  [parse_side(f"base={out}:baseline"), parse_side(f"gru={out}:gru_only")], ["gru-base"], [1], n_boot=50)
     for key in KEYS:
-        want = r["variants"]["baseline"]["seeds"]["0"]["figures"][key]["estimate"]
+        want = r["variants"]["baseline"]["seeds"]["1"]["figures"][key]["estimate"]
         got = cmp["figures"]["base"][key]["estimate"]
         assert (math.isnan(want) and math.isnan(got)) or got == pytest.approx(want, rel=1e-9), key
     assert cmp["contrasts"]["gru-base"]["score"]["estimate"] == pytest.approx(d, abs=1e-12)
     other = tmp_path / "other_truth.csv"  # a held-out set the runs did not predict is refused
     truth[truth[STUDY] != truth[STUDY].iloc[0]].to_csv(other, index=False)
     with pytest.raises(bm.BenchError, match="not the truth file's held-out set"):
-        compare(other, [parse_side(f"base={out}")], [], [0], n_boot=10)
+        compare(other, [parse_side(f"base={out}")], [], [1], n_boot=10)
     with pytest.raises(bm.BenchError, match="unknown side"):
-        compare(other, [parse_side(f"base={out}")], ["base-x"], [0], n_boot=10)
+        compare(other, [parse_side(f"base={out}")], ["base-x"], [1], n_boot=10)
     # bench/compare_cams.py: a CNN compared with itself has its Grad-CAM maxima everywhere at the same pixel
     spec = importlib.util.spec_from_file_location("compare_cams", paths.REPO_ROOT / "bench" / "compare_cams.py")
     assert spec and spec.loader
     cams = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cams)
-    run = out / "runs" / r["variants"]["baseline"]["seeds"]["0"]["run"]
+    run = out / "runs" / r["variants"]["baseline"]["seeds"]["1"]["run"]
     capsys.readouterr()
     assert cams.main(["--data", str(tmp_path / "phantom"), "--run", str(run), "--run", str(run), "--n", "6"]) == 0
     lines = capsys.readouterr().out.splitlines()
