@@ -147,6 +147,9 @@ class CNNConfig:
     drop_path_rate: float = 0.1
     exam_heads: bool = False
     global_pool: str = "avg"  # timm pooling of the last feature map: avg | max | avgmax
+    # timm output_stride: 16 or 8 dilate the last stage(s) instead of striding them, so the last
+    # feature map (Grad-CAM's, the pooled one) keeps 2x / 4x the resolution for small emboli; 32 = off
+    output_stride: int = 32
     # landmark pretraining (papers/condrea2023; src/13_pretrain_landmarks.py): the backbone starts from
     # work/models/<init_from>/backbone.pt (a pretrained_path resolved in the run's work folder)
     init_from: str | None = None
@@ -213,6 +216,7 @@ class CNNConfig:
 
 
 GLOBAL_POOLS = ("avg", "max", "avgmax")
+OUTPUT_STRIDES = (8, 16, 32)
 
 
 def parse_folds(text: str) -> list[int]:

@@ -49,6 +49,23 @@ def test_global_pool_option_pools_the_gradcam_feature_map(pool: str) -> None:
         build_model(CNNConfig(**TINY, global_pool="catavgmax"))
 
 
+def test_output_stride_keeps_a_finer_last_feature_map() -> None:
+    """output_stride 16 / 8 dilate the last stages: the map Grad-CAM and the pooling read is 2x / 4x
+    finer (small emboli), the embedding dimension unchanged; anything else is refused."""
+    side = {}
+    for stride in (32, 16, 8):
+        model = build_model(CNNConfig(**TINY, neighbors=0, output_stride=stride)).eval()
+        feats = {}
+        model.gradcam_layer.register_forward_hook(lambda m, i, o: feats.setdefault("map", o))
+        with torch.no_grad():
+            emb = model(torch.randn(1, 3, 64, 64))["embedding"]
+        side[stride] = feats["map"].shape[-1]
+        assert emb.shape == (1, model.embedding_dim)
+    assert side == {32: 2, 16: 4, 8: 8}
+    with pytest.raises(ValueError, match="output_stride"):
+        build_model(CNNConfig(**TINY, output_stride=4))
+
+
 def test_pretrained_path_adapts_first_conv(tmp_path: Path) -> None:
     torch.manual_seed(1)
     src = timm.create_model("test_efficientnet", pretrained=False, in_chans=3, num_classes=7)

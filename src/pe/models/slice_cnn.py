@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from pe import paths
-from pe.config import GLOBAL_POOLS, CNNConfig, from_dict
+from pe.config import GLOBAL_POOLS, OUTPUT_STRIDES, CNNConfig, from_dict
 from pe.data.slices import crop_resize, n_channels, neighbor_indices
 from pe.data.stacking import dedupe_rows, stacked_inputs
 from pe.rspect import EXAM_LABELS
@@ -117,15 +117,18 @@ def build_model(cfg: CNNConfig) -> SliceCNN:
     in_chans = n_channels(cfg.neighbors)
     if cfg.global_pool not in GLOBAL_POOLS:  # catavgmax would double the embedding: not supported
         raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {cfg.global_pool!r}")
+    if cfg.output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {cfg.output_stride!r}")
     if cfg.init_from and cfg.pretrained_path:
         raise ValueError("init_from and pretrained_path both set: give one source of backbone weights")
     if cfg.init_from:
         cfg = replace(cfg, pretrained_path=str(landmark_backbone_path(cfg.init_from)))
     use_timm_weights = cfg.pretrained and not cfg.pretrained_path
+    stride = {"output_stride": cfg.output_stride} if cfg.output_stride != 32 else {}
     try:
         backbone = timm.create_model(cfg.backbone, pretrained=use_timm_weights, in_chans=in_chans,
                                      num_classes=0, drop_path_rate=cfg.drop_path_rate or None,
-                                     global_pool=cfg.global_pool)
+                                     global_pool=cfg.global_pool, **stride)
     except RuntimeError as e:
         raise RuntimeError(f"timm model {cfg.backbone!r} (pretrained={use_timm_weights}): {e}") from e
     if cfg.pretrained_path:
