@@ -55,11 +55,11 @@ def test_output_stride_keeps_a_finer_last_feature_map() -> None:
     side = {}
     for stride in (32, 16, 8):
         model = build_model(CNNConfig(**TINY, neighbors=0, output_stride=stride)).eval()
-        feats = {}
-        model.gradcam_layer.register_forward_hook(lambda m, i, o: feats.setdefault("map", o))
+        maps: list[torch.Tensor] = []
+        model.gradcam_layer.register_forward_hook(lambda m, i, o, maps=maps: maps.append(o))
         with torch.no_grad():
             emb = model(torch.randn(1, 3, 64, 64))["embedding"]
-        side[stride] = feats["map"].shape[-1]
+        side[stride] = maps[0].shape[-1]
         assert emb.shape == (1, model.embedding_dim)
     assert side == {32: 2, 16: 4, 8: 8}
     with pytest.raises(ValueError, match="output_stride"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,21 @@ def test_aggregate_has_input_size_and_hop2_starts_as_hop1(backbone: str) -> None
         assert out["logit"].shape == (2,) and out["embedding"].shape == (2, model.embedding_dim)
         # Zero kernels on the added input channels: hop 2 begins exactly where hop 1 is.
         torch.testing.assert_close(out["logit"], ref["logit"], rtol=1e-4, atol=1e-4)
+
+
+def test_output_stride_reaches_both_hops() -> None:
+    """``output_stride`` builds hop 1 and hop 2 alike (one backbone factory): hop 2 still starts as
+    hop 1 and its Grad-CAM map is twice as fine as at stride 32."""
+    torch.manual_seed(0)
+    cfg = replace(_cfg("test_resnet"), output_stride=16)
+    hop1 = build_model(cfg).eval()
+    model = build_dual_hop(cfg, hop1.state_dict()).eval()
+    maps: list[torch.Tensor] = []
+    model.gradcam_layer.register_forward_hook(lambda m, i, o: maps.append(o))
+    x = torch.randn(2, 9, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)["logit"], hop1(x)["logit"], rtol=1e-4, atol=1e-4)
+    assert maps[0].shape[-1] == 4  # 64 / 16; stride 32 gives 2
 
 
 def test_hop1_frozen_while_hop2_trains() -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,7 +25,7 @@ from torch import nn
 from pe import paths
 from pe.config import CNNConfig
 from pe.data.slices import n_channels
-from pe.models.slice_cnn import SliceCNN, build_model, sampling_logit_offset
+from pe.models.slice_cnn import SliceCNN, build_model, create_backbone, sampling_logit_offset
 from pe.train.core import load_checkpoint
 
 
@@ -142,11 +141,7 @@ def build_dual_hop(cfg: CNNConfig, hop1_state: Mapping[str, torch.Tensor] | None
         state = {k.removeprefix("module."): v for k, v in hop1_state.items()}
         hop1.load_state_dict(state)
     in_chans = n_channels(cfg.neighbors)
-    try:
-        backbone = timm.create_model(cfg.backbone, pretrained=False, in_chans=2 * in_chans, num_classes=0,
-                                     drop_path_rate=cfg.drop_path_rate or None, global_pool=cfg.global_pool)
-    except RuntimeError as e:
-        raise RuntimeError(f"timm model {cfg.backbone!r}: {e}") from e
+    backbone = create_backbone(cfg, 2 * in_chans)
     dim = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
     hop2 = SliceCNN(backbone, dim, cfg.exam_heads, cfg.drop_rate, sampling_logit_offset(cfg))
     if state is not None and init_hop2_from_hop1:

@@ -124,17 +124,22 @@ def build_model(cfg: CNNConfig) -> SliceCNN:
     if cfg.init_from:
         cfg = replace(cfg, pretrained_path=str(landmark_backbone_path(cfg.init_from)))
     use_timm_weights = cfg.pretrained and not cfg.pretrained_path
-    stride = {"output_stride": cfg.output_stride} if cfg.output_stride != 32 else {}
-    try:
-        backbone = timm.create_model(cfg.backbone, pretrained=use_timm_weights, in_chans=in_chans,
-                                     num_classes=0, drop_path_rate=cfg.drop_path_rate or None,
-                                     global_pool=cfg.global_pool, **stride)
-    except RuntimeError as e:
-        raise RuntimeError(f"timm model {cfg.backbone!r} (pretrained={use_timm_weights}): {e}") from e
+    backbone = create_backbone(cfg, in_chans, use_timm_weights)
     if cfg.pretrained_path:
         load_pretrained(backbone, cfg.pretrained_path, in_chans)
     dim = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
     return SliceCNN(backbone, dim, cfg.exam_heads, cfg.drop_rate, sampling_logit_offset(cfg))
+
+
+def create_backbone(cfg: CNNConfig, in_chans: int, pretrained: bool = False) -> torch.nn.Module:
+    """timm ``cfg.backbone`` without classifier (pooling, drop path, output stride of ``cfg``)."""
+    stride = {"output_stride": cfg.output_stride} if cfg.output_stride != 32 else {}
+    try:
+        return timm.create_model(cfg.backbone, pretrained=pretrained, in_chans=in_chans, num_classes=0,
+                                 drop_path_rate=cfg.drop_path_rate or None, global_pool=cfg.global_pool,
+                                 **stride)
+    except RuntimeError as e:
+        raise RuntimeError(f"timm model {cfg.backbone!r} (pretrained={pretrained}): {e}") from e
 
 
 def landmark_backbone_path(exp: str) -> Path:
