@@ -149,6 +149,7 @@ class CNNConfig:
     global_pool: str = "avg"  # timm pooling of the last feature map: avg | max | avgmax
     # timm output_stride: 16 or 8 dilate the last stage(s) instead of striding them, so the last
     # feature map (Grad-CAM's, the pooled one) keeps 2x / 4x the resolution for small emboli; 32 = off
+    # (timm models without the argument, e.g. MobileNetV3 or ViT, are refused by name)
     output_stride: int = 32
     # landmark pretraining (papers/condrea2023; src/13_pretrain_landmarks.py): the backbone starts from
     # work/models/<init_from>/backbone.pt (a pretrained_path resolved in the run's work folder)

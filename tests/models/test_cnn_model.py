@@ -64,6 +64,8 @@ def test_output_stride_keeps_a_finer_last_feature_map() -> None:
     assert side == {32: 2, 16: 4, 8: 8}
     with pytest.raises(ValueError, match="output_stride"):
         build_model(CNNConfig(**TINY, output_stride=4))
+    with pytest.raises(ValueError, match="'test_vit' does not take output_stride=16"):
+        build_model(CNNConfig(**{**TINY, "backbone": "test_vit"}, output_stride=16))
 
 
 def test_pretrained_path_adapts_first_conv(tmp_path: Path) -> None:

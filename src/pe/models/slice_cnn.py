@@ -115,10 +115,6 @@ def load_pretrained(backbone: nn.Module, path: str | Path, in_chans: int) -> Non
 def build_model(cfg: CNNConfig) -> SliceCNN:
     """The slice CNN of ``cfg``: timm ``cfg.backbone`` with ``in_chans = 3·(2·neighbors+1)``."""
     in_chans = n_channels(cfg.neighbors)
-    if cfg.global_pool not in GLOBAL_POOLS:  # catavgmax would double the embedding: not supported
-        raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {cfg.global_pool!r}")
-    if cfg.output_stride not in OUTPUT_STRIDES:
-        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {cfg.output_stride!r}")
     if cfg.init_from and cfg.pretrained_path:
         raise ValueError("init_from and pretrained_path both set: give one source of backbone weights")
     if cfg.init_from:
@@ -133,11 +129,20 @@ def build_model(cfg: CNNConfig) -> SliceCNN:
 
 def create_backbone(cfg: CNNConfig, in_chans: int, pretrained: bool = False) -> torch.nn.Module:
     """timm ``cfg.backbone`` without classifier (pooling, drop path, output stride of ``cfg``)."""
+    if cfg.global_pool not in GLOBAL_POOLS:  # catavgmax would double the embedding: not supported
+        raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {cfg.global_pool!r}")
+    if cfg.output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {cfg.output_stride!r}")
     stride = {"output_stride": cfg.output_stride} if cfg.output_stride != 32 else {}
     try:
         return timm.create_model(cfg.backbone, pretrained=pretrained, in_chans=in_chans, num_classes=0,
                                  drop_path_rate=cfg.drop_path_rate or None, global_pool=cfg.global_pool,
                                  **stride)
+    except TypeError as e:  # e.g. MobileNetV3, ViT: no output_stride argument
+        if not stride:
+            raise
+        raise ValueError(f"timm model {cfg.backbone!r} does not take output_stride={cfg.output_stride} "
+                         f"(leave it at 32): {e}") from e
     except RuntimeError as e:
         raise RuntimeError(f"timm model {cfg.backbone!r} (pretrained={pretrained}): {e}") from e
 
