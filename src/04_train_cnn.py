@@ -5,7 +5,7 @@ Reads  the config YAML (+ trailing key=value overrides), the train metadata, fol
        cache it names (defaults from src/pe/paths.py)
 Writes work/models/<exp>/fold<k>/{config.yaml, metrics.jsonl, last.pt, best.pt} and
        oof/<exp>/cnn_fold<k>.parquet (SOPInstanceUID, StudyInstanceUID, prob) of the fold's
-       validation studies
+       validation studies; with several folds it then prints their pooled out-of-fold slice AUC
 
     python src/04_train_cnn.py --config src/configs/demo.yaml --fold 0 [--resume] [epochs=2 lr=1e-3 | --epochs 2]
     python src/04_train_cnn.py --config src/configs/demo.yaml --fold 0,1,2
@@ -15,10 +15,11 @@ Writes work/models/<exp>/fold<k>/{config.yaml, metrics.jsonl, last.pt, best.pt} 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pe.config import CNNConfig, load_config, parse_folds
-from pe.train.cnn import train_fold
+from pe.train.cnn import pooled_oof_auc, train_fold
 
 KNOWN = {"--config", "--fold", "--resume", "-h", "--help"}
 
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(CNNConfig, args.config, args.overrides)
         run = train_fold(cfg, fold, resume=args.resume)
         print(f"run folder: {run}", flush=True)
+    if len(args.fold) > 1 and -1 not in args.fold and int(os.environ.get("RANK", "0")) == 0:  # the main rank
+        score, n, pos = pooled_oof_auc(cfg, args.fold)
+        print(f"pooled out-of-fold slice AUC, folds {','.join(map(str, args.fold))}: {score:.4f} "
+              f"({n} slices, {pos} positive)", flush=True)
     return 0
 
 

@@ -17,6 +17,7 @@ from pydicom import config as dicom_config
 from pe import rspect
 from pe.ids import exam_row_id
 from pe.synthetic import phantom
+from pe.synthetic.phantom_plan import FRAC_MAX
 
 TINY = dict(train_studies=4, test_studies=1, seed=7, size=48, min_slices=6, max_slices=9)
 
@@ -289,6 +290,32 @@ def test_embolus_scale_shrinks_emboli_and_changes_nothing_else() -> None:
         assert b.positive_slices() <= a.positive_slices()
         assert bool(b.positive_slices()) == bool(a.positive_slices())
     assert shrunk >= 5
+
+
+def test_embolus_scale_above_one_grows_emboli_inside_their_vessel() -> None:
+    """--embolus-scale > 1 (an easier phantom): the same studies and labels; every PE embolus keeps its
+    slices and grows along its host vessel to round(run x scale) where the vessel allows, and its
+    defect radius grows up to FRAC_MAX of the vessel's."""
+    ref = phantom.plan_split("train", 30, 4, 256, 20, 40, positive_rate=0.6)
+    easy = phantom.plan_split("train", 30, 4, 256, 20, 40, positive_rate=0.6, embolus_scale=1.5)
+    grown = capped = 0
+    for a, b in zip(ref, easy, strict=True):
+        assert a.labels == b.labels and a.n == b.n and len(a.emboli) == len(b.emboli)
+        for ea, eb in zip(a.emboli, b.emboli, strict=True):
+            if ea.style == "aortic":
+                assert eb.slices == ea.slices and eb.frac == ea.frac
+                continue
+            assert eb.frac == pytest.approx(min(FRAC_MAX, 1.5 * ea.frac))
+            capped += eb.frac == FRAC_MAX
+            host = [k for k in range(a.n) if a.tubes[ea.tube].t0 <= a.t[k] <= a.tubes[ea.tube].t1]
+            assert set(ea.slices) <= set(eb.slices) <= set(host) | set(ea.slices)
+            assert eb.slices == sorted(eb.slices) and len(eb.slices) <= max(1, round(1.5 * len(ea.slices)))
+            assert len(eb.slices) == min(len(host), round(1.5 * len(ea.slices))) or ea.slices[0] not in host
+            grown += len(eb.slices) > len(ea.slices)
+        assert b.positive_slices() >= a.positive_slices()
+    assert grown >= 5 and capped >= 3
+    with pytest.raises(ValueError, match="embolus_scale"):
+        phantom.make_phantom("unused", 1, 1, 0, embolus_scale=2.5)
 
 
 def test_emboli_are_dark_defects_inside_bright_arteries() -> None:

@@ -187,3 +187,34 @@ def test_validation_every_n_epochs_and_after_the_last(fake: dict[str, Path], tmp
     metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert ["val_loss" in m for m in metrics] == [False, True, True]  # epoch 2 (every 2nd) and the last
     assert (run / "best.pt").is_file() and (paths.exp_oof_dir("every") / "cnn_fold0.parquet").is_file()
+
+
+def test_pooled_oof_auc_ranks_every_fold_together(fake: dict[str, Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage 04's pooled figure: each fold ranks its own slices perfectly, but fold 1's model is
+    shifted down, so the pooled ranking (what later stages see) is below 1; labels from the metadata."""
+    from sklearn.metrics import roc_auc_score
+
+    from pe.train.cnn import pooled_oof_auc
+
+    monkeypatch.setenv("PE_OOF_DIR", str(tmp_path / "oof"))
+    cfg = _cfg(fake, "pooled", [])
+    meta = pd.read_parquet(fake["meta"])
+    folds = load_folds(fake["folds"]).merge(meta[["StudyInstanceUID", "SOPInstanceUID", "pe_present_on_image"]])
+    out = paths.exp_oof_dir("pooled")
+    out.mkdir(parents=True)
+    parts = []
+    for k in (0, 1):
+        part = folds[folds["fold"] == k].copy()
+        # fold 0: negatives 0.5, positives 0.9; fold 1's model is shifted down (0.05 / 0.3)
+        part["prob"] = np.where(part["pe_present_on_image"] == 1, 0.9, 0.5) if k == 0 else \
+            np.where(part["pe_present_on_image"] == 1, 0.3, 0.05)
+        part[["SOPInstanceUID", "StudyInstanceUID", "prob"]].to_parquet(out / f"cnn_fold{k}.parquet")
+        assert roc_auc_score(part["pe_present_on_image"], part["prob"]) == 1.0
+        parts.append(part)
+    both = pd.concat(parts)
+    score, n, pos = pooled_oof_auc(cfg, [0, 1])
+    assert (n, pos) == (len(both), int(both["pe_present_on_image"].sum()))
+    assert score == pytest.approx(roc_auc_score(both["pe_present_on_image"], both["prob"])) and score < 0.95
+    with pytest.raises(FileNotFoundError, match="cnn_fold2.parquet"):
+        pooled_oof_auc(cfg, [0, 2])

@@ -342,8 +342,9 @@ def make_phantom(out: Path | str, train_studies: int, test_studies: int, seed: i
     of the PE-positive slices of the train split, never in test, and lists them in SHORTCUT_FILE; 0
     (the default) leaves every output byte-identical to a phantom made without the option.
 
-    ``embolus_scale`` in (0, 1] shrinks every PE embolus (defect radius and run of slices; see
-    ``phantom_plan._plan_emboli``) for a harder phantom; 1 (the default) changes no byte.
+    ``embolus_scale`` in (0, 2] scales every PE embolus (defect radius and run of slices; see
+    ``phantom_plan._plan_emboli``): < 1 for a harder phantom, > 1 for an easier one; 1 (the default)
+    changes no byte.
 
     ``uid_style``: ``kaggle`` (12-hex ids like the real data) or ``dicom`` (2.25.* UIDs).
     ``compress=False`` writes every file uncompressed with otherwise identical content (tests use it
@@ -355,8 +356,8 @@ def make_phantom(out: Path | str, train_studies: int, test_studies: int, seed: i
     if not 0.0 <= shortcut_rate <= 1.0 or shortcut_kind not in SHORTCUT_KINDS:
         raise ValueError(f"shortcut_rate must be in [0, 1] and shortcut_kind one of {SHORTCUT_KINDS}, "
                          f"got {shortcut_rate}, {shortcut_kind!r}")
-    if not 0.0 < embolus_scale <= 1.0:
-        raise ValueError(f"embolus_scale must be in (0, 1], got {embolus_scale}")
+    if not 0.0 < embolus_scale <= 2.0:
+        raise ValueError(f"embolus_scale must be in (0, 2], got {embolus_scale}")
     # options recorded in the marker only when used, so a phantom made without them keeps its bytes
     options: dict = dict(shortcut_rate=shortcut_rate, shortcut_kind=shortcut_kind) if shortcut_rate > 0 else {}
     if embolus_scale != 1.0:

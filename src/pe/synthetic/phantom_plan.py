@@ -39,6 +39,10 @@ P_CENTRAL = 0.17
 P_CHRONIC = 0.12
 P_ACUTE_AND_CHRONIC = 0.06
 
+# Largest defect radius / vessel radius an embolus scaled up (embolus_scale > 1) may get: the drawing
+# keeps a chronic defect against the wall with 0.08 of the radius to spare, and the vessel's rim shows.
+FRAC_MAX = 0.9
+
 
 # Transfer syntaxes: shares of studies (at least one study each when a split has >= 4 studies).
 # JPEG Lossless (.4.70) has no encoder in pydicom 3.0; RLE and JPEG 2000 Lossless exercise the
@@ -275,7 +279,9 @@ def _plan_emboli(plan: StudyPlan, rng: np.random.Generator, sides: dict[str, boo
                  embolus_scale: float = 1.0) -> None:
     """Place emboli so that the location flags hold, each on >= 1 slice of its host vessel. ``embolus_scale``
     < 1 shrinks every PE embolus (defect radius x scale; run of slices cut to round(run x scale) >= 1
-    around its middle) after all random draws, so everything else is as at scale 1."""
+    around its middle), > 1 grows it (defect radius x scale up to FRAC_MAX of the vessel's; run grown
+    to round(run x scale) slices of its host vessel, both sides), after all random draws, so
+    everything else is as at scale 1."""
     by_level: dict[tuple[str, str], list[int]] = {}
     for i, tb in enumerate(plan.tubes):
         by_level.setdefault((tb.side, tb.level), []).append(i)
@@ -320,11 +326,26 @@ def _plan_emboli(plan: StudyPlan, rng: np.random.Generator, sides: dict[str, boo
         e.hu = float(rng.uniform(65, 90) if chronic else rng.uniform(20, 55))
     if embolus_scale != 1.0:
         for e in emboli:
-            e.frac *= embolus_scale
+            e.frac = min(FRAC_MAX, e.frac * embolus_scale)
             keep = max(1, round(len(e.slices) * embolus_scale))
-            cut = (len(e.slices) - keep) // 2
-            e.slices = e.slices[cut:cut + keep]
+            if keep <= len(e.slices):
+                cut = (len(e.slices) - keep) // 2
+                e.slices = e.slices[cut:cut + keep]
+            else:
+                e.slices = _grow_run(e.slices, _host_slices(plan, plan.tubes[e.tube]), keep)
     plan.emboli = emboli
+
+
+def _grow_run(run: list[int], host: list[int], keep: int) -> list[int]:
+    """``run`` (consecutive slices of ``host``) grown to ``keep`` slices of the same host, evenly on both
+    sides where the host allows; a run placed outside its host (a sparse study's fallback) stays."""
+    if not run or run[0] not in host:
+        return run
+    i0 = host.index(run[0])
+    start = max(0, i0 - (keep - len(run)) // 2)
+    end = min(len(host), start + keep)
+    start = max(0, end - keep)
+    return host[start:end]
 
 
 def _quota(n: int, p: float) -> int:

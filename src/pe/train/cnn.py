@@ -412,6 +412,25 @@ def _io_workers(cfg: CNNConfig) -> int:
     return max(2, cfg.num_workers, cfg.threads)
 
 
+def pooled_oof_auc(cfg: CNNConfig, folds: list[int]) -> tuple[float, int, int]:
+    """Slice AUC of the written out-of-fold files of ``folds`` pooled together (one ranking over every
+    validation slice, so folds whose models are calibrated differently cost AUC here, as they do
+    downstream): (AUC, slices, positive slices). Labels from the train metadata the config names."""
+    _, meta_path, _ = resolve_paths(cfg)
+    files = [paths.exp_oof_dir(cfg.name) / f"cnn_fold{k}.parquet" for k in folds]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"out-of-fold file(s) not written: {', '.join(missing)}")
+    oof = pd.concat([pd.read_parquet(f, columns=[SOP, "prob"]) for f in files], ignore_index=True)
+    labels = pd.read_parquet(meta_path, columns=[SOP, "pe_present_on_image"])
+    m = oof.merge(labels, on=SOP, how="left", validate="one_to_one")
+    if m["pe_present_on_image"].isna().any():
+        raise ValueError(f"{meta_path}: no pe_present_on_image for {int(m['pe_present_on_image'].isna().sum())} "
+                         "out-of-fold slices")
+    y = m["pe_present_on_image"].to_numpy(dtype=float)
+    return auc(y, m["prob"].to_numpy()), len(m), int(y.sum())
+
+
 def train_fold(cfg: CNNConfig, fold: int, resume: bool = False,
                on_step: Callable[[int], None] | None = None) -> Path:
     """Train ``cfg`` on ``fold`` (-1 = all folds) in this process (or as one torchrun rank);
