@@ -9,6 +9,7 @@
 #   TRAIN=120 MINS=20 MAXS=30 bash bench/demo_cnn_trial.sh short  # another phantom
 #   FOLDS=3 bash bench/demo_cnn_trial.sh n3                       # 3 folds instead of the demo's 2
 #   CACHE=512 bash bench/demo_cnn_trial.sh c512                   # another JPEG cache size (sets cache_size too)
+#   SCALE=1.25 bash bench/demo_cnn_trial.sh s125                  # phantom --embolus-scale (emboli x1.25)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=${1:?usage: demo_cnn_trial.sh NAME [key=value ...]}; shift
@@ -24,13 +25,13 @@ rm -rf "$R"; mkdir -p "$R"
 export PE_DATA_DIR=$R/data PE_WORK_DIR=$R/work PE_OOF_DIR=$R/oof PE_REPORTS_DIR=$R/reports
 T0=$(date +%s)
 $PY src/00_make_phantom.py --out "$R/data" --train-studies "${TRAIN:-72}" --test-studies 10 --seed 0 \
-  --size 512 --min-slices "${MINS:-30}" --max-slices "${MAXS:-50}" --positive-rate "${POS:-0.7}" >/dev/null 2>&1
+  --size 512 --min-slices "${MINS:-30}" --max-slices "${MAXS:-50}" --positive-rate "${POS:-0.7}" --embolus-scale "${SCALE:-1}" >/dev/null 2>&1
 T1=$(date +%s)
 $PY src/01_parse_metadata.py --data-dir "$R/data" --split train --out "$R/work/meta/train.parquet" >/dev/null 2>&1
 $PY src/02_cache_images.py --meta "$R/work/meta/train.parquet" --out "$R/work/cache/jpeg$CACHE" --size "$CACHE" >/dev/null 2>&1
 $PY src/03_make_folds.py --meta "$R/work/meta/train.parquet" --out "$R/work/folds.csv" --n-folds "$FOLDS" --seed 42 >/dev/null
 T2=$(date +%s)
-$PY src/04_train_cnn.py --config src/configs/demo.yaml --fold "$FOLD_LIST" progress=false cache_size="$CACHE" "$@" 2>&1 | grep "val_auc\|preloaded"
+$PY src/04_train_cnn.py --config src/configs/demo.yaml --fold "$FOLD_LIST" progress=false cache_size="$CACHE" "$@" 2>&1 | grep "val_auc\|preloaded\|pooled"
 T3=$(date +%s)
 $PY - "$R" "$NAME" $((T1 - T0)) $((T2 - T1)) $((T3 - T2)) <<'PY'
 import sys

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="marker: bright disc in the chest wall; stripes: striped disc there")
     ap.add_argument("--embolus-scale", type=float, default=1.0,
                     help="scale every PE embolus (defect radius and run of slices) by this factor in (0, 2]: "
-                         "< 1 harder, > 1 easier; 1 = none, byte-identical output")
+                         "< 1 harder, > 1 larger (not easier: README); 1 = none, byte-identical output")
     args = ap.parse_args(argv)
     t0 = time.time()
     make_phantom(args.out, train_studies=args.train_studies, test_studies=args.test_studies, seed=args.seed,
