@@ -17,7 +17,7 @@ from pydicom import config as dicom_config
 from pe import rspect
 from pe.ids import exam_row_id
 from pe.synthetic import phantom
-from pe.synthetic.phantom_plan import FRAC_MAX
+from pe.synthetic.phantom_scale import FRAC_MAX
 
 TINY = dict(train_studies=4, test_studies=1, seed=7, size=48, min_slices=6, max_slices=9)
 

@@ -343,7 +343,7 @@ def make_phantom(out: Path | str, train_studies: int, test_studies: int, seed: i
     (the default) leaves every output byte-identical to a phantom made without the option.
 
     ``embolus_scale`` in (0, 2] scales every PE embolus (defect radius and run of slices; see
-    ``phantom_plan._plan_emboli``): < 1 for a harder phantom, > 1 for larger emboli (not an easier
+    ``phantom_scale.scale_emboli``): < 1 for a harder phantom, > 1 for larger emboli (not an easier
     phantom for the demo CNN: a defect filling most of its vessel hides the bright rim; README, demo
     section); 1 (the default) changes no byte.
 

@@ -13,6 +13,7 @@ import numpy as np
 from pydicom import uid as dicom_uid
 
 from pe import rspect
+from pe.synthetic.phantom_scale import scale_emboli
 
 SPLITS: tuple[str, ...] = ("train", "test")
 TRUTH_FILE = "phantom_truth.csv"
@@ -38,10 +39,6 @@ P_LEFT = 0.65
 P_CENTRAL = 0.17
 P_CHRONIC = 0.12
 P_ACUTE_AND_CHRONIC = 0.06
-
-# Largest defect radius / vessel radius an embolus scaled up (embolus_scale > 1) may get: the drawing
-# keeps a chronic defect against the wall with 0.08 of the radius to spare, and the vessel's rim shows.
-FRAC_MAX = 0.9
 
 
 # Transfer syntaxes: shares of studies (at least one study each when a split has >= 4 studies).
@@ -277,11 +274,8 @@ def _host_slices(plan: StudyPlan, tube: Tube) -> list[int]:
 
 def _plan_emboli(plan: StudyPlan, rng: np.random.Generator, sides: dict[str, bool], chronicity: str,
                  embolus_scale: float = 1.0) -> None:
-    """Place emboli so that the location flags hold, each on >= 1 slice of its host vessel. ``embolus_scale``
-    < 1 shrinks every PE embolus (defect radius x scale; run of slices cut to round(run x scale) >= 1
-    around its middle), > 1 grows it (defect radius x scale up to FRAC_MAX of the vessel's; run grown
-    to round(run x scale) slices of its host vessel, both sides), after all random draws, so
-    everything else is as at scale 1."""
+    """Place emboli so that the location flags hold, each on >= 1 slice of its host vessel; then
+    ``embolus_scale`` != 1 scales every PE embolus (:func:`pe.synthetic.phantom_scale.scale_emboli`)."""
     by_level: dict[tuple[str, str], list[int]] = {}
     for i, tb in enumerate(plan.tubes):
         by_level.setdefault((tb.side, tb.level), []).append(i)
@@ -325,27 +319,8 @@ def _plan_emboli(plan: StudyPlan, rng: np.random.Generator, sides: dict[str, boo
         e.calcified = bool(chronic and rng.random() < 0.5)
         e.hu = float(rng.uniform(65, 90) if chronic else rng.uniform(20, 55))
     if embolus_scale != 1.0:
-        for e in emboli:
-            e.frac = min(FRAC_MAX, e.frac * embolus_scale)
-            keep = max(1, round(len(e.slices) * embolus_scale))
-            if keep <= len(e.slices):
-                cut = (len(e.slices) - keep) // 2
-                e.slices = e.slices[cut:cut + keep]
-            else:
-                e.slices = _grow_run(e.slices, _host_slices(plan, plan.tubes[e.tube]), keep)
+        scale_emboli(emboli, embolus_scale, lambda e: _host_slices(plan, plan.tubes[e.tube]))
     plan.emboli = emboli
-
-
-def _grow_run(run: list[int], host: list[int], keep: int) -> list[int]:
-    """``run`` (consecutive slices of ``host``) grown to ``keep`` slices of the same host, evenly on both
-    sides where the host allows; a run placed outside its host (a sparse study's fallback) stays."""
-    if not run or run[0] not in host:
-        return run
-    i0 = host.index(run[0])
-    start = max(0, i0 - (keep - len(run)) // 2)
-    end = min(len(host), start + keep)
-    start = max(0, end - keep)
-    return host[start:end]
 
 
 def _quota(n: int, p: float) -> int:
