@@ -10,6 +10,7 @@
 #   FOLDS=3 bash bench/demo_cnn_trial.sh n3                       # 3 folds instead of the demo's 2
 #   CACHE=512 bash bench/demo_cnn_trial.sh c512                   # another JPEG cache size (sets cache_size too)
 #   SCALE=1.25 bash bench/demo_cnn_trial.sh s125                  # phantom --embolus-scale (emboli x1.25)
+#   SEED=1 bash bench/demo_cnn_trial.sh seed1                     # another phantom draw (the demo's is seed 0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=${1:?usage: demo_cnn_trial.sh NAME [key=value ...]}; shift
@@ -19,12 +20,14 @@ FOLDS=${FOLDS:-2}
 [[ $FOLDS =~ ^[2-9]$ ]] || { echo "FOLDS must be 2-9, got $FOLDS" >&2; exit 2; }
 CACHE=${CACHE:-256}
 [[ $CACHE =~ ^[1-9][0-9]*$ ]] || { echo "CACHE must be a size in pixels, got $CACHE" >&2; exit 2; }
+SEED=${SEED:-0}
+[[ $SEED =~ ^[0-9]+$ ]] || { echo "SEED must be a phantom seed (0, 1, ...), got $SEED" >&2; exit 2; }
 FOLD_LIST=$(seq -s, 0 $((FOLDS - 1)))
 R=work/demo-trials/$NAME
 rm -rf "$R"; mkdir -p "$R"
 export PE_DATA_DIR=$R/data PE_WORK_DIR=$R/work PE_OOF_DIR=$R/oof PE_REPORTS_DIR=$R/reports
 T0=$(date +%s)
-$PY src/00_make_phantom.py --out "$R/data" --train-studies "${TRAIN:-72}" --test-studies 10 --seed 0 \
+$PY src/00_make_phantom.py --out "$R/data" --train-studies "${TRAIN:-72}" --test-studies 10 --seed "$SEED" \
   --size 512 --min-slices "${MINS:-30}" --max-slices "${MAXS:-50}" --positive-rate "${POS:-0.7}" --embolus-scale "${SCALE:-1}" >/dev/null 2>&1
 T1=$(date +%s)
 $PY src/01_parse_metadata.py --data-dir "$R/data" --split train --out "$R/work/meta/train.parquet" >/dev/null 2>&1
