@@ -50,8 +50,9 @@ root, name, t_ph, t_prep, t_cnn = Path(sys.argv[1]), sys.argv[2], *map(int, sys.
 oof = pd.concat([pd.read_parquet(f) for f in sorted((root / "oof/demo").glob("cnn_fold*.parquet"))])
 truth = pd.read_csv(root / "data/train.csv", usecols=["SOPInstanceUID", "pe_present_on_image"])
 m = oof.merge(truth, on="SOPInstanceUID", validate="one_to_one")
-print(f"{name}: pooled OOF slice AUC {roc_auc_score(m.pe_present_on_image, m.prob):.4f} on {len(m)} slices "
-      f"({int(m.pe_present_on_image.sum())} positive); phantom {t_ph} s, stages 01-03 {t_prep} s, CNN {t_cnn} s")
+# (the pooled OOF slice AUC itself is stage 04's line above)
+print(f"{name}: {len(m)} out-of-fold slices ({int(m.pe_present_on_image.sum())} positive); "
+      f"phantom {t_ph} s, stages 01-03 {t_prep} s, CNN {t_cnn} s")
 # Which positives the CNN misses: AUC of the positive slices grouped by their largest embolus box
 # (pixels of the 512 px slice) against all negative slices.
 boxes = read_boxes(root / "data/train_boxes.csv")  # validated: named error on a bad file

@@ -15,10 +15,10 @@ Writes work/models/<exp>/fold<k>/{config.yaml, metrics.jsonl, last.pt, best.pt} 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from pe.config import CNNConfig, load_config, parse_folds
+from pe.distributed import env_rank
 from pe.train.cnn import pooled_oof_auc, train_fold
 
 KNOWN = {"--config", "--fold", "--resume", "-h", "--help"}
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(CNNConfig, args.config, args.overrides)
         run = train_fold(cfg, fold, resume=args.resume)
         print(f"run folder: {run}", flush=True)
-    if len(args.fold) > 1 and -1 not in args.fold and int(os.environ.get("RANK", "0")) == 0:  # the main rank
+    if len(args.fold) > 1 and -1 not in args.fold and env_rank() == 0:  # the main rank
         score, n, pos = pooled_oof_auc(cfg, args.fold)
         print(f"pooled out-of-fold slice AUC, folds {','.join(map(str, args.fold))}: {score:.4f} "
               f"({n} slices, {pos} positive)", flush=True)

@@ -31,10 +31,15 @@ class DistEnv:
         return self.world_size > 1
 
 
+def env_rank() -> int:
+    """This process's torchrun rank (0 without torchrun), valid before and after the process group."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed() -> DistEnv:
     """Join the torchrun process group (nccl on CUDA, gloo on CPU) and pick this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = env_rank()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)

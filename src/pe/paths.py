@@ -78,3 +78,8 @@ def embeddings_dir(exp: str, fold: int, split: str) -> Path:
 
 def exp_oof_dir(exp: str) -> Path:
     return oof_dir() / exp
+
+
+def cnn_oof_path(exp: str, fold: int) -> Path:
+    """Stage 04's out-of-fold slice probabilities of one fold: ``oof/<exp>/cnn_fold<k>.parquet``."""
+    return exp_oof_dir(exp) / f"cnn_fold{fold}.parquet"

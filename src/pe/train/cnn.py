@@ -3,7 +3,7 @@
 Run folder ``paths.run_dir(cfg.name, fold)``: ``config.yaml``, ``metrics.jsonl`` (one line per epoch),
 ``last.pt`` (every epoch, and every ``save_every_steps`` optimizer steps), ``best.pt`` (lowest
 validation loss; the last epoch for ``fold = -1``). OOF slice probabilities of the fold's validation
-studies go to ``paths.exp_oof_dir(cfg.name) / f"cnn_fold{fold}.parquet"``, rewritten whenever
+studies go to ``paths.cnn_oof_path(cfg.name, fold)``, rewritten whenever
 ``best.pt`` is, so the two always match.
 
 Resume (``resume=True``) restores model, optimizer, scheduler, scaler, EMA, RNG state and the
@@ -52,7 +52,7 @@ from pe.distributed import DistEnv, all_gather_objects, all_reduce_sum, barrier,
 from pe.eval.metric import auc
 from pe.io import write_parquet_atomic
 from pe.models.dual_hop import build_training_model
-from pe.rspect import SOP, STUDY
+from pe.rspect import IMAGE_LABEL, SOP, STUDY
 from pe.train.attention import capture_features
 from pe.train.core import (
     MetricsLog,
@@ -86,7 +86,7 @@ class Trainer:
         self.loss_fn = loss_fn  # default: SliceLoss(cfg, model.logit_offset), built with the model
         self.log = MetricsLog(paths.run_dir(cfg.name, fold) / "metrics.jsonl")
         self.run_dir = paths.run_dir(cfg.name, fold)
-        self.oof_path = paths.exp_oof_dir(cfg.name) / f"cnn_fold{fold}.parquet"
+        self.oof_path = paths.cnn_oof_path(cfg.name, fold)
         self.device = env.device
         self.cuda = self.device.type == "cuda"
         self.attention = False  # set by _build: cfg.attention_lambda > 0
@@ -417,17 +417,16 @@ def pooled_oof_auc(cfg: CNNConfig, folds: list[int]) -> tuple[float, int, int]:
     validation slice, so folds whose models are calibrated differently cost AUC here, as they do
     downstream): (AUC, slices, positive slices). Labels from the train metadata the config names."""
     _, meta_path, _ = resolve_paths(cfg)
-    files = [paths.exp_oof_dir(cfg.name) / f"cnn_fold{k}.parquet" for k in folds]
+    files = [paths.cnn_oof_path(cfg.name, k) for k in folds]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"out-of-fold file(s) not written: {', '.join(missing)}")
     oof = pd.concat([pd.read_parquet(f, columns=[SOP, "prob"]) for f in files], ignore_index=True)
-    labels = pd.read_parquet(meta_path, columns=[SOP, "pe_present_on_image"])
+    labels = pd.read_parquet(meta_path, columns=[SOP, IMAGE_LABEL])
     m = oof.merge(labels, on=SOP, how="left", validate="one_to_one")
-    if m["pe_present_on_image"].isna().any():
-        raise ValueError(f"{meta_path}: no pe_present_on_image for {int(m['pe_present_on_image'].isna().sum())} "
-                         "out-of-fold slices")
-    y = m["pe_present_on_image"].to_numpy(dtype=float)
+    if m[IMAGE_LABEL].isna().any():
+        raise ValueError(f"{meta_path}: no {IMAGE_LABEL} for {int(m[IMAGE_LABEL].isna().sum())} out-of-fold slices")
+    y = m[IMAGE_LABEL].to_numpy(dtype=float)
     return auc(y, m["prob"].to_numpy()), len(m), int(y.sum())
 
 
