@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every numbered stage in order and prints the wall time of each.
 #   src/run_pipeline.sh demo   # the synthetic phantom, reduced folds/epochs (make demo)
-# Environment: PY (python to use), PE_DATA_DIR / PE_WORK_DIR / PE_OOF_DIR (see src/pe/paths.py).
+# Environment: PY (python to use), PE_DATA_DIR / PE_WORK_DIR / PE_OOF_DIR (see src/pe/paths.py),
+# PHANTOM_SEED (the phantom's draw, default 0; `make demo PHANTOM_SEED=2` with its own PE_*_DIR folders
+# shows how much the demo's figures depend on the draw: README, demo section).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -16,6 +18,8 @@ stage() {  # stage NAME CMD...: run a command and print its wall time
 }
 
 if [[ $MODE != demo ]]; then echo "unknown mode $MODE" >&2; exit 2; fi
+SEED=${PHANTOM_SEED:-0}
+[[ $SEED =~ ^[0-9]{1,9}$ ]] || { echo "PHANTOM_SEED must be a non-negative integer, got '$SEED'" >&2; exit 2; }
 
 DATA=${PE_DATA_DIR:-input/phantom}
 WORK=${PE_WORK_DIR:-work/demo}
@@ -29,7 +33,7 @@ FOLDS=0,1
 T0=$(date +%s)
 
 stage 00_make_phantom $PY src/00_make_phantom.py --out "$DATA" --train-studies 72 --test-studies 10 \
-  --seed 0 --size 512 --min-slices 30 --max-slices 50 --positive-rate 0.7
+  --seed "$SEED" --size 512 --min-slices 30 --max-slices 50 --positive-rate 0.7
 for s in train test; do
   stage 01_parse_metadata:$s $PY src/01_parse_metadata.py --data-dir "$DATA" --split $s --out "$WORK/meta/$s.parquet"
 done

@@ -1,0 +1,59 @@
+"""src/run_pipeline.sh (what `make demo` runs): its stage order and the PHANTOM_SEED option, checked with
+a stand-in interpreter that records every command instead of running it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "src" / "run_pipeline.sh"
+
+
+def _run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\t" "$@" >> {log}\necho >> {log}\n')
+    fake.chmod(0o755)
+    full = {**os.environ, "PY": str(fake), **{f"PE_{k}_DIR": str(tmp_path / k.lower())
+                                             for k in ("DATA", "WORK", "OOF", "SUBMISSIONS", "REPORTS")}, **env}
+    proc = subprocess.run(["bash", str(SCRIPT), "demo"], env=full, capture_output=True, text=True, timeout=60)
+    calls = [line.rstrip("\t").split("\t") for line in log.read_text().splitlines()] if log.exists() else []
+    return proc, calls
+
+
+def _seed_of(call: list[str]) -> str:
+    return call[call.index("--seed") + 1]
+
+
+def test_demo_runs_every_stage_in_order_with_phantom_seed_0_by_default(tmp_path):
+    proc, calls = _run(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    scripts = [Path(c[0]).name for c in calls]
+    assert scripts[0] == "00_make_phantom.py" and _seed_of(calls[0]) == "0"
+    order = ["00_make_phantom.py", "01_parse_metadata.py", "02_cache_images.py", "03_make_folds.py",
+             "04_train_cnn.py", "05_export_embeddings.py", "06_train_sequence.py", "07_ensemble.py",
+             "08_make_submission.py", "09_score.py", "10_report.py"]
+    firsts = [scripts.index(s) for s in order]
+    assert firsts == sorted(firsts) and set(scripts) == set(order)
+    assert str(tmp_path / "data") in calls[0]  # the phantom goes where PE_DATA_DIR says
+    assert "demo finished" in proc.stdout
+
+
+def test_phantom_seed_reaches_stage_00(tmp_path):
+    proc, calls = _run(tmp_path, PHANTOM_SEED="7")
+    assert proc.returncode == 0, proc.stderr
+    assert _seed_of(calls[0]) == "7"
+
+
+@pytest.mark.parametrize("bad", ["x", "-1", "1.5", "1;2", "1e3", ""])
+def test_a_bad_phantom_seed_is_refused_before_anything_runs(tmp_path, bad):
+    proc, calls = _run(tmp_path, PHANTOM_SEED=bad)
+    if bad == "":  # an empty value means the default, as for the other variables
+        assert proc.returncode == 0 and _seed_of(calls[0]) == "0"
+        return
+    assert proc.returncode == 2 and calls == []
+    assert "PHANTOM_SEED must be a non-negative integer" in proc.stderr
