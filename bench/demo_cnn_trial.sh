@@ -11,6 +11,8 @@
 #   CACHE=512 bash bench/demo_cnn_trial.sh c512                   # another JPEG cache size (sets cache_size too)
 #   SCALE=1.25 bash bench/demo_cnn_trial.sh s125                  # phantom --embolus-scale (emboli x1.25)
 #   SEED=1 bash bench/demo_cnn_trial.sh seed1                     # another phantom draw (the demo's is seed 0)
+# The trial's phantom and JPEG cache (~1.5 GB) are removed at the end; KEEP=1 keeps them (OOF files,
+# models and metadata always stay under work/demo-trials/NAME).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=${1:?usage: demo_cnn_trial.sh NAME [key=value ...]}; shift
@@ -22,6 +24,8 @@ CACHE=${CACHE:-256}
 [[ $CACHE =~ ^[1-9][0-9]*$ ]] || { echo "CACHE must be a size in pixels, got $CACHE" >&2; exit 2; }
 SEED=${SEED:-0}
 [[ $SEED =~ ^[0-9]+$ ]] || { echo "SEED must be a phantom seed (0, 1, ...), got $SEED" >&2; exit 2; }
+KEEP=${KEEP:-0}
+[[ $KEEP =~ ^[01]$ ]] || { echo "KEEP must be 0 or 1, got $KEEP" >&2; exit 2; }
 FOLD_LIST=$(seq -s, 0 $((FOLDS - 1)))
 R=work/demo-trials/$NAME
 rm -rf "$R"; mkdir -p "$R"
@@ -69,3 +73,4 @@ if pos.area.isna().any():
     parts.append(f"{int(pos.area.isna().sum())} positives without a box left out")
 print(f"{name}: slice AUC of the positives by largest embolus box vs all negatives: " + "; ".join(parts))
 PY
+[[ $KEEP == 1 ]] || rm -rf "$R/data" "$R/work/cache"
