@@ -13,7 +13,8 @@ FRAC_MAX = 0.9
 
 
 def scale_emboli(emboli: Sequence[Any], scale: float, host_of: Callable[[Any], list[int]]) -> None:
-    """In place, on phantom_plan.Embolus objects (typed Any: that module imports this one). < 1: defect radius x scale, run of slices cut to round(run x scale) >= 1 around its
+    """Scale ``emboli`` in place (phantom_plan.Embolus objects, typed Any because that module imports
+    this one). < 1: defect radius x scale, run of slices cut to round(run x scale) >= 1 around its
     middle. > 1: defect radius x scale up to FRAC_MAX, run grown to round(run x scale) slices of its
     host vessel (``host_of(embolus)``, the slices the vessel shows on), evenly on both sides."""
     for e in emboli:
