@@ -4,9 +4,12 @@ per test worker in a temporary folder (never in the repository's work/)."""
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -72,3 +75,65 @@ def _load_script(name: str) -> ModuleType:
 def load_script() -> Callable[[str], ModuleType]:
     """``load_script("09_score.py").main([...])`` runs a numbered script in-process."""
     return _load_script
+
+
+@contextmanager
+def _chain_env(root: Path, data_dir: Path, meta: dict[str, Path]) -> Iterator[dict[str, Path]]:
+    """Inside the block: the PE_* folders under ``root`` (data from ``data_dir``), each split's metadata
+    in ``meta`` copied to where the stages read it, torch on one thread (restored after). Yields the
+    environment it set. For session fixtures that run a pipeline chain (monkeypatch is per test)."""
+    import torch
+
+    env = {"PE_DATA_DIR": data_dir, "PE_WORK_DIR": root / "work", "PE_OOF_DIR": root / "oof",
+           "PE_SUBMISSIONS_DIR": root / "submissions", "PE_REPORTS_DIR": root / "reports"}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, str(v))
+            for split, src in meta.items():
+                paths.meta_path(split).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(src, paths.meta_path(split))
+            yield env
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def chain_env() -> Callable[..., Any]:
+    """``with chain_env(root, phantom_dir, phantom_meta) as env:`` runs stages in a temporary pipeline root."""
+    return _chain_env
+
+
+def _untrained_cnn_runs(exp: str, cfg: Any, phantom_meta: dict[str, Path], folds: tuple[int, ...] = (0, 1),
+                        seed: int = 0) -> dict[int, list[str]]:
+    """What stage 05 reads, without training: the phantom's metadata in work/meta, a 2-fold folds.csv
+    (the sorted studies alternating) and ``best.pt`` of an untrained CNN ``cfg`` (torch seed ``seed + k``,
+    so the folds' weights differ) for each fold ``k`` in ``folds``. Returns {0: studies, 1: studies}."""
+    import pandas as pd
+    import torch
+
+    from pe.config import to_dict
+    from pe.models.slice_cnn import build_model
+    from pe.rspect import STUDY
+
+    for split, src in phantom_meta.items():
+        paths.meta_path(split).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, paths.meta_path(split))
+    studies = sorted(pd.read_parquet(phantom_meta["train"])[STUDY].unique())
+    split = {0: studies[0::2], 1: studies[1::2]}
+    pd.DataFrame({STUDY: studies, "fold": [i % 2 for i in range(len(studies))]}).to_csv(paths.folds_path(),
+                                                                                      index=False)
+    for k in folds:
+        torch.manual_seed(seed + k)
+        run = paths.run_dir(exp, k)
+        run.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": build_model(cfg).state_dict(), "config": to_dict(cfg), "epoch": 0}, run / "best.pt")
+    return split
+
+
+@pytest.fixture(scope="session")
+def untrained_cnn_runs() -> Callable[..., dict[int, list[str]]]:
+    """``untrained_cnn_runs(exp, cfg, phantom_meta, folds, seed)``: see :func:`_untrained_cnn_runs`."""
+    return _untrained_cnn_runs

@@ -19,28 +19,14 @@ EXP = "embtest"
 
 
 @pytest.fixture()
-def cnn_runs(phantom_meta: dict[str, Path], phantom_cache: Path) -> dict[int, list[str]]:
+def cnn_runs(phantom_meta: dict[str, Path], phantom_cache: Path, untrained_cnn_runs) -> dict[int, list[str]]:
     """work/meta, a 2-fold folds.csv and best.pt of folds -1, 0, 1 (different random weights)."""
-    from pe.config import CNNConfig, to_dict
-    from pe.models.slice_cnn import build_model
+    from pe.config import CNNConfig
 
     torch.set_num_threads(1)
-    for split in ("train", "test"):
-        paths.meta_path(split).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(phantom_meta[split], paths.meta_path(split))
-    studies = sorted(pd.read_parquet(phantom_meta["train"])[STUDY].unique())
-    folds = {0: studies[0::2], 1: studies[1::2]}
-    pd.DataFrame({STUDY: studies, "fold": [0 if s in folds[0] else 1 for s in studies]}).to_csv(
-        paths.folds_path(), index=False)
     cfg = CNNConfig(name=EXP, backbone="test_efficientnet", img_size=32, neighbors=0, crop_lung=True,
                     cache_dir=str(phantom_cache), pretrained=False, drop_path_rate=0.0)
-    for k in (-1, 0, 1):
-        torch.manual_seed(100 + k)
-        model = build_model(cfg)
-        run = paths.run_dir(EXP, k)
-        run.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "config": to_dict(cfg), "epoch": 0}, run / "best.pt")
-    return folds
+    return untrained_cnn_runs(EXP, cfg, phantom_meta, folds=(-1, 0, 1), seed=100)
 
 
 

@@ -34,12 +34,10 @@ pytestmark = pytest.mark.xdist_group("kernel_chain")
 
 
 @pytest.fixture(scope="session")
-def chain(phantom_dir: Path, phantom_meta: dict[str, Path], phantom_cache: Path,
+def chain(phantom_dir: Path, phantom_meta: dict[str, Path], phantom_cache: Path, chain_env,
           tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """make_phantom → parse_metadata → cache → folds → CNN → embeddings → 2 sequence models → ensemble,
     all under a temporary root (the env vars are set only while building)."""
-    import torch
-
     from pe.config import CNNConfig, SeqConfig
     from pe.data.folds import make_folds
     from pe.infer.embeddings import export_embeddings
@@ -47,16 +45,7 @@ def chain(phantom_dir: Path, phantom_meta: dict[str, Path], phantom_cache: Path,
     from pe.train.seq import train_fold as train_seq
 
     root = tmp_path_factory.mktemp("chain")
-    env = {"PE_DATA_DIR": phantom_dir, "PE_WORK_DIR": root / "work", "PE_OOF_DIR": root / "oof",
-           "PE_SUBMISSIONS_DIR": root / "submissions", "PE_REPORTS_DIR": root / "reports"}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, str(v))
-        for split in ("train", "test"):
-            paths.meta_path(split).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(phantom_meta[split], paths.meta_path(split))
+    with chain_env(root, phantom_dir, phantom_meta) as env:
         make_folds(pd.read_parquet(paths.meta_path("train")), n_folds=2, seed=0).to_csv(paths.folds_path(), index=False)
         cnn_cfg = CNNConfig(name=CNN_EXP, cache_dir=str(phantom_cache), cache_size=128, img_size=96, neighbors=1,
                             crop_lung=True, backbone="test_efficientnet", epochs=1, batch_size=16, val_batch_size=32,
@@ -72,7 +61,6 @@ def chain(phantom_dir: Path, phantom_meta: dict[str, Path], phantom_cache: Path,
             for k in (0, 1):
                 train_seq(seq_cfg, k)
         stages = ensemble.run_ensemble(list(SEQ_EXPS), ENS, phantom_dir / "train.csv")
-    torch.set_num_threads(threads)
     return {"root": root, "data": phantom_dir, "models": root / "work" / "models",
             "weights": root / "oof" / ENS / "weights.json", "ens_test": root / "oof" / ENS / "test.csv",
             "stages": stages, "env": env}  # type: ignore[dict-item]

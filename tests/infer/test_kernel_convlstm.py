@@ -17,47 +17,24 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pe import paths
-from pe.rspect import STUDY
-
 CNN, CONV, GRU, ENS = "cnn_m", "seq_m_conv", "seq_m_gru", "ens_m"
 
 
 @pytest.fixture(scope="module")
-def conv_chain(phantom_dir: Path, phantom_meta: dict[str, Path], phantom_cache: Path, load_script,
-               tmp_path_factory: pytest.TempPathFactory) -> dict:
-    import torch
-
-    from pe.config import CNNConfig, ConvLSTMSeqConfig, SeqConfig, save_config, to_dict
+def conv_chain(phantom_dir: Path, phantom_meta: dict[str, Path], phantom_cache: Path, load_script, chain_env,
+               untrained_cnn_runs, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from pe.config import CNNConfig, ConvLSTMSeqConfig, SeqConfig, save_config
     from pe.eval import ensemble
     from pe.infer.embeddings import export_embeddings
     from pe.models.convlstm import MapReduction
-    from pe.models.slice_cnn import build_model
     from pe.train import seq
 
     root = tmp_path_factory.mktemp("convchain")
-    env = {"PE_DATA_DIR": phantom_dir, "PE_WORK_DIR": root / "work", "PE_OOF_DIR": root / "oof",
-           "PE_SUBMISSIONS_DIR": root / "submissions", "PE_REPORTS_DIR": root / "reports"}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, str(v))
-        for split in ("train", "test"):
-            paths.meta_path(split).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(phantom_meta[split], paths.meta_path(split))
-        studies = sorted(pd.read_parquet(phantom_meta["train"])[STUDY].unique())
-        pd.DataFrame({STUDY: studies, "fold": [i % 2 for i in range(len(studies))]}).to_csv(
-            paths.folds_path(), index=False)
+    with chain_env(root, phantom_dir, phantom_meta):
         cnn_cfg = CNNConfig(name=CNN, backbone="test_efficientnet", img_size=64, neighbors=1, crop_lung=True,
                             cache_dir=str(phantom_cache), cache_size=128, pretrained=False, drop_path_rate=0.0,
                             channels_last=False, amp=False)
-        for k in (0, 1):
-            torch.manual_seed(300 + k)
-            run = paths.run_dir(CNN, k)
-            run.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": build_model(cnn_cfg).state_dict(), "config": to_dict(cnn_cfg), "epoch": 0},
-                       run / "best.pt")
+        untrained_cnn_runs(CNN, cnn_cfg, phantom_meta, seed=300)
         for split in ("train", "test"):
             export_embeddings(CNN, split, device="cpu", batch_size=32,
                               maps=MapReduction(k=2, channels=8, seed=0, slab_every=2))
@@ -70,7 +47,6 @@ def conv_chain(phantom_dir: Path, phantom_meta: dict[str, Path], phantom_cache: 
         for k in (0, 1):
             seq.train_fold(gru_cfg, k)
         stages = ensemble.run_ensemble([GRU, CONV], ENS, phantom_dir / "train.csv")
-    torch.set_num_threads(threads)
     return {"root": root, "data": phantom_dir, "models": root / "work" / "models", "stages": stages,
             "weights": root / "oof" / ENS / "weights.json", "ens_test": root / "oof" / ENS / "test.csv"}
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,7 +15,13 @@ import torch
 from tqdm import tqdm
 
 from pe import paths
-from pe.data.seq_items import available_folds, check_fit_studies, read_embedding_index, uses_fold_model
+from pe.data.seq_items import (
+    check_fit_studies,
+    check_fold_membership,
+    export_folds,
+    read_embedding_index,
+    uses_fold_model,
+)
 from pe.models.convlstm import MapReduction, slab_rows
 from pe.models.seq_rnn import cnn_logits
 from pe.rspect import EXAM_LABELS, IMAGE_LABEL, SOP, STUDY, is_valid_uid
@@ -110,34 +115,14 @@ def load_map_fold_data(cfg: Any, fold: int, labels: pd.DataFrame) -> tuple[list[
     every fold's maps made with the same reduction. With ``train_embeddings: fold_model`` the training
     studies' maps are fold ``fold``'s own CNN's (``--split train_fit --maps``): the maps of two CNNs, like
     their embeddings, share no feature basis (the benchmark's lesson for the BiGRU stage)."""
-    if not cfg.cnn_exp:
-        raise ValueError(f"{cfg.name}: cnn_exp (the stage-1 experiment whose maps are read) is not set")
-    folds = available_folds(cfg.cnn_exp, "train")
-    if fold not in folds:
-        raise FileNotFoundError(f"{paths.embeddings_dir(cfg.cnn_exp, fold, 'train')}: no export for fold {fold} "
-                                f"(found folds {folds})")
-    if len(folds) < 2:
-        raise ValueError(f"stage 2 needs OOF maps of at least two folds of {cfg.cnn_exp}, found {folds}")
+    folds = export_folds(cfg, fold, "maps")
     per_fold, reductions = {}, {}
     for j in folds:
         per_fold[j], reductions[j] = load_map_split(cfg.cnn_exp, j, "train", labels, cfg.progress)
     if len({json.dumps(r.to_json(), sort_keys=True) for r in reductions.values()}) != 1:
         raise ValueError(f"the folds' maps of {cfg.cnn_exp} were made with different reductions: "
                          f"{ {j: r.to_json() for j, r in reductions.items()} }")
-    seen: dict[str, int] = {}
-    for j, items in per_fold.items():
-        for it in items:
-            if it.study in seen:
-                raise ValueError(f"study {it.study} is in the maps of folds {seen[it.study]} and {j}")
-            seen[it.study] = j
-    fpath = Path(cfg.folds_path) if cfg.folds_path else paths.folds_path()
-    if fpath.is_file():
-        fdf = pd.read_csv(fpath, dtype={STUDY: str})
-        expected = dict(zip(fdf[STUDY], fdf["fold"].astype(int), strict=True))
-        wrong = [s for s, j in seen.items() if expected.get(s) != j]
-        if wrong:
-            raise ValueError(f"{len(wrong)} studies are exported under a fold other than theirs in {fpath}, "
-                             f"e.g. {wrong[:3]}: the maps would leak")
+    check_fold_membership(cfg, per_fold, "maps")
     train = [it for j in folds if j != fold for it in per_fold[j]]
     if uses_fold_model(cfg):
         fit, red = load_map_split(cfg.cnn_exp, fold, "train_fit", labels, cfg.progress)

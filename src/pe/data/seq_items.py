@@ -115,37 +115,51 @@ def load_fold_data(cfg: SeqConfig, fold: int, labels: pd.DataFrame) -> tuple[lis
     Guards against leakage: every study appears once across the folds, and when a folds file exists
     each embeddings folder holds exactly its fold's studies.
     """
-    if not cfg.cnn_exp:
-        raise ValueError(f"{cfg.name}: cnn_exp (the stage-1 experiment whose embeddings are read) is not set")
-    folds = available_folds(cfg.cnn_exp, "train")
-    if fold not in folds:
-        raise FileNotFoundError(f"{paths.embeddings_dir(cfg.cnn_exp, fold, 'train')}: no exported embeddings "
-                                f"for fold {fold} (found folds {folds})")
-    if len(folds) < 2:
-        raise ValueError(f"stage 2 needs OOF embeddings of at least two folds of {cfg.cnn_exp}, found {folds}")
+    folds = export_folds(cfg, fold, "embeddings")
     per_fold = {j: load_split_studies(cfg.cnn_exp, j, "train", labels, cfg.progress) for j in folds}
-    seen: dict[str, int] = {}
-    for j, items in per_fold.items():
-        for it in items:
-            if it.study in seen:
-                raise ValueError(f"study {it.study} is in the embeddings of folds {seen[it.study]} and {j}")
-            seen[it.study] = j
-    fpath = Path(cfg.folds_path) if cfg.folds_path else paths.folds_path()
-    if fpath.is_file():
-        # read directly (not pe.data.folds.load_folds, whose sklearn import costs seconds per process)
-        fdf = pd.read_csv(fpath, dtype={STUDY: str})
-        if not {STUDY, "fold"} <= set(fdf.columns):
-            raise ValueError(f"{fpath}: expected columns StudyInstanceUID, fold; got {list(fdf.columns)}")
-        expected = dict(zip(fdf[STUDY], fdf["fold"].astype(int), strict=True))
-        wrong = [s for s, j in seen.items() if expected.get(s) != j]
-        if wrong:
-            raise ValueError(f"{len(wrong)} studies are embedded under a fold other than theirs in {fpath}, "
-                             f"e.g. {wrong[:3]}: the embeddings would leak")
+    check_fold_membership(cfg, per_fold, "embeddings")
     train = [it for j in folds if j != fold for it in per_fold[j]]
     if uses_fold_model(cfg):
         train = check_fit_studies(cfg, fold, train, load_split_studies(cfg.cnn_exp, fold, "train_fit", labels,
                                                                        cfg.progress))
     return train, per_fold[fold]
+
+
+def export_folds(cfg: Any, fold: int, what: str) -> list[int]:
+    """The folds of ``cfg.cnn_exp``'s training export (``what``: "embeddings" or "maps", for the errors),
+    checked: ``cfg.cnn_exp`` set, ``fold`` among them, at least two of them."""
+    if not cfg.cnn_exp:
+        raise ValueError(f"{cfg.name}: cnn_exp (the stage-1 experiment whose {what} are read) is not set")
+    folds = available_folds(cfg.cnn_exp, "train")
+    if fold not in folds:
+        raise FileNotFoundError(f"{paths.embeddings_dir(cfg.cnn_exp, fold, 'train')}: no exported {what} "
+                                f"for fold {fold} (found folds {folds})")
+    if len(folds) < 2:
+        raise ValueError(f"stage 2 needs OOF {what} of at least two folds of {cfg.cnn_exp}, found {folds}")
+    return folds
+
+
+def check_fold_membership(cfg: Any, per_fold: dict[int, list[Any]], what: str) -> None:
+    """No leak between the folds' exports: every study in one fold's export only, and, when a folds file
+    exists (``cfg.folds_path`` or the work folder's), in the fold that file gives it."""
+    seen: dict[str, int] = {}
+    for j, items in per_fold.items():
+        for it in items:
+            if it.study in seen:
+                raise ValueError(f"study {it.study} is in the {what} of folds {seen[it.study]} and {j}")
+            seen[it.study] = j
+    fpath = Path(cfg.folds_path) if cfg.folds_path else paths.folds_path()
+    if not fpath.is_file():
+        return
+    # read directly (not pe.data.folds.load_folds, whose sklearn import costs seconds per process)
+    fdf = pd.read_csv(fpath, dtype={STUDY: str})
+    if not {STUDY, "fold"} <= set(fdf.columns):
+        raise ValueError(f"{fpath}: expected columns StudyInstanceUID, fold; got {list(fdf.columns)}")
+    expected = dict(zip(fdf[STUDY], fdf["fold"].astype(int), strict=True))
+    wrong = [s for s, j in seen.items() if expected.get(s) != j]
+    if wrong:
+        raise ValueError(f"{len(wrong)} studies are exported under a fold other than theirs in {fpath}, "
+                         f"e.g. {wrong[:3]}: the {what} would leak")
 
 
 def uses_fold_model(cfg: Any) -> bool:

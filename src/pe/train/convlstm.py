@@ -11,15 +11,13 @@ Public API: :func:`build_member`, :func:`fit`, :func:`predict_map_items`, :func:
 
 from __future__ import annotations
 
-import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from tqdm import tqdm
 
 from pe import paths
 from pe.config import ConvLSTMSeqConfig, save_config, to_dict
@@ -33,7 +31,7 @@ from pe.train.core import (
     resolve_device,
     seed_everything,
 )
-from pe.train.seq import exam_prior, fit_on_metric, metric_loss, predictions_long
+from pe.train.seq import exam_prior, fit_on_metric, predictions_long, train_metric_epoch
 
 
 def validate_config(cfg: ConvLSTMSeqConfig) -> None:
@@ -88,26 +86,6 @@ def predict_map_items(model: ConvLSTMMember, items: list[MapStudy], cfg: ConvLST
     return image, exam
 
 
-def _train_epoch(model: ConvLSTMMember, train: list[MapStudy], cfg: ConvLSTMSeqConfig, order: np.ndarray,
-                 opt: torch.optim.Optimizer, sched: Any, device: torch.device, desc: str) -> float:
-    model.train()
-    total, n = 0.0, 0
-    steps = math.ceil(len(train) / cfg.batch_size)
-    for s in tqdm(range(steps), desc=desc, disable=not cfg.progress, leave=False):
-        batch = collate_maps([train[i] for i in order[s * cfg.batch_size: (s + 1) * cfg.batch_size]])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss = metric_loss(_forward(model, batch), batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        total += loss.item() * len(batch["x"])
-        n += len(batch["x"])
-    return total / n
-
-
 def checkpoint_state(model: ConvLSTMMember, cfg: ConvLSTMSeqConfig, epoch: int, val_metric: float) -> dict[str, Any]:
     """What ``best.pt`` holds (``weights_only=True``; :func:`pe.models.convlstm.load_convlstm_member`)."""
     return {"model": cpu_state_dict(model), "config": to_dict(cfg), "epoch": int(epoch),
@@ -127,7 +105,8 @@ def fit(cfg: ConvLSTMSeqConfig, train: list[MapStudy], val: list[MapStudy], redu
     device = device or resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model = build_member(train, cfg, reduction).to(device)
-    return fit_on_metric(cfg, model, train, val, run_dir, device, _train_epoch, predict_map_items, checkpoint_state)
+    epoch_fn = partial(train_metric_epoch, collate_fn=collate_maps, forward=_forward)
+    return fit_on_metric(cfg, model, train, val, run_dir, device, epoch_fn, predict_map_items, checkpoint_state)
 
 
 def train_fold(cfg: ConvLSTMSeqConfig, fold: int) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -197,17 +198,21 @@ def metric_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) ->
                              out["exam_logits"], batch["exam_targets"])
 
 
-def _train_epoch(model: SeqModel, train: list[StudySeq], cfg: SeqConfig, order: np.ndarray,
-                 opt: torch.optim.Optimizer, sched: Any, device: torch.device, desc: str) -> float:
-    """One pass over ``train`` in ``order``; returns the mean training loss per study."""
+def train_metric_epoch(model: nn.Module, train: list[Any], cfg: Any, order: np.ndarray, opt: torch.optim.Optimizer,
+                       sched: Any, device: torch.device, desc: str, *,
+                       collate_fn: Callable[[list[Any]], dict[str, torch.Tensor]],
+                       forward: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> float:
+    """One pass over ``train`` in ``order``, minimising :func:`metric_loss` on batches of ``cfg.batch_size``
+    studies (``collate_fn`` pads them, ``forward(model, batch)`` runs the member); returns the mean
+    training loss per study. The BiGRU and ConvLSTM stages bind their collate and forward with partial."""
     model.train()
     steps = math.ceil(len(train) / cfg.batch_size)
     total, n = 0.0, 0
     bar = tqdm(range(steps), desc=desc, disable=not cfg.progress, leave=False)
     for s in bar:
-        batch = collate([train[i] for i in order[s * cfg.batch_size : (s + 1) * cfg.batch_size]], cfg)
+        batch = collate_fn([train[i] for i in order[s * cfg.batch_size : (s + 1) * cfg.batch_size]])
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss = metric_loss(model(batch["x"], batch["mask"], batch["cnn_logit"]), batch)
+        loss = metric_loss(forward(model, batch), batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -218,6 +223,10 @@ def _train_epoch(model: SeqModel, train: list[StudySeq], cfg: SeqConfig, order: 
         n += len(batch["x"])
         bar.set_postfix(loss=f"{total / n:.4f}")
     return total / n
+
+
+def _seq_forward(model: SeqModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return model(batch["x"], batch["mask"], batch["cnn_logit"])
 
 
 def fit(cfg: SeqConfig, train: list[StudySeq], val: list[StudySeq], run_dir: Path | None = None,
@@ -235,7 +244,8 @@ def fit(cfg: SeqConfig, train: list[StudySeq], val: list[StudySeq], run_dir: Pat
     device = device or resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model = build_model(train, cfg).to(device)
-    return fit_on_metric(cfg, model, train, val, run_dir, device, _train_epoch, predict_items, checkpoint_state)
+    epoch_fn = partial(train_metric_epoch, collate_fn=partial(collate, cfg=cfg), forward=_seq_forward)
+    return fit_on_metric(cfg, model, train, val, run_dir, device, epoch_fn, predict_items, checkpoint_state)
 
 
 def fit_on_metric(cfg: Any, model: nn.Module, train: list[Any], val: list[Any], run_dir: Path | None,
