@@ -32,8 +32,8 @@ CACHE=$WORK/cache/jpeg256
 FOLDS=0,1
 T0=$(date +%s)
 
-stage 00_make_phantom $PY src/00_make_phantom.py --out "$DATA" --train-studies 72 --test-studies 10 \
-  --seed "$SEED" --size 512 --min-slices 30 --max-slices 50 --positive-rate 0.7
+# the demo phantom: 72 + 10 studies of 30-50 slices at 512 px, 70 % positive (pe.synthetic.phantom_plan.PRESETS)
+stage 00_make_phantom $PY src/00_make_phantom.py --out "$DATA" --preset demo --seed "$SEED"
 for s in train test; do
   stage 01_parse_metadata:$s $PY src/01_parse_metadata.py --data-dir "$DATA" --split $s --out "$WORK/meta/$s.parquet"
 done

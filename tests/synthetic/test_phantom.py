@@ -380,3 +380,24 @@ def test_script_main(tmp_path: Path) -> None:
                      "--positive-rate", "0.75"]) == 0
     truth = pd.read_csv(rich / phantom.TRUTH_FILE)
     assert (truth["exam_kind"] == "positive").sum() == 3
+
+
+def test_script_preset_gives_the_demo_sizes_and_flags_override_it(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_phantom_script",
+                                                  Path(__file__).parents[2] / "src" / "00_make_phantom.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    demo = mod.parse_args(["--out", str(tmp_path), "--preset", "demo", "--seed", "3"])
+    assert (demo.train_studies, demo.test_studies, demo.size, demo.min_slices, demo.max_slices,
+            demo.positive_rate, demo.seed) == (72, 10, 512, 30, 50, 0.7, 3)
+    mixed = mod.parse_args(["--out", str(tmp_path), "--preset", "demo", "--seed", "0", "--train-studies", "120",
+                            "--max-slices", "30"])
+    assert (mixed.train_studies, mixed.max_slices, mixed.min_slices) == (120, 30, 30)
+    plain = mod.parse_args(["--out", str(tmp_path), "--train-studies", "4", "--test-studies", "1", "--seed", "0"])
+    assert (plain.size, plain.min_slices, plain.max_slices, plain.positive_rate) == (512, 40, 100, phantom.P_POSITIVE)
+    with pytest.raises(SystemExit):  # no counts and no preset
+        mod.parse_args(["--out", str(tmp_path), "--seed", "0", "--test-studies", "1"])
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--out", str(tmp_path), "--preset", "nope", "--seed", "0"])

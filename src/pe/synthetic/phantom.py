@@ -66,6 +66,7 @@ from pe.synthetic.phantom_plan import (  # noqa: F401 (public names of the phant
     JPEG_LOSSLESS,
     MARKER_FILE,
     P_POSITIVE,
+    PRESETS,
     SHORTCUT_FILE,
     SHORTCUT_KINDS,
     SPLITS,
