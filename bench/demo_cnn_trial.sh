@@ -12,7 +12,7 @@
 #   SCALE=1.25 bash bench/demo_cnn_trial.sh s125                  # phantom --embolus-scale (emboli x1.25)
 #   SEED=1 bash bench/demo_cnn_trial.sh seed1                     # another phantom draw (the demo's is seed 0)
 # The trial's phantom and JPEG cache (~1.5 GB) are removed at the end; KEEP=1 keeps them (OOF files,
-# models and metadata always stay under work/demo-trials/NAME).
+# models and metadata always stay under work/demo-trials/NAME; TRIALS_DIR=DIR puts the trial in DIR/NAME).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=${1:?usage: demo_cnn_trial.sh NAME [key=value ...]}; shift
@@ -27,12 +27,18 @@ SEED=${SEED:-0}
 KEEP=${KEEP:-0}
 [[ $KEEP =~ ^[01]$ ]] || { echo "KEEP must be 0 or 1, got $KEEP" >&2; exit 2; }
 FOLD_LIST=$(seq -s, 0 $((FOLDS - 1)))
-R=work/demo-trials/$NAME
+R=${TRIALS_DIR:-work/demo-trials}/$NAME
 rm -rf "$R"; mkdir -p "$R"
 export PE_DATA_DIR=$R/data PE_WORK_DIR=$R/work PE_OOF_DIR=$R/oof PE_REPORTS_DIR=$R/reports
 T0=$(date +%s)
-$PY src/00_make_phantom.py --out "$R/data" --train-studies "${TRAIN:-72}" --test-studies 10 --seed "$SEED" \
-  --size 512 --min-slices "${MINS:-30}" --max-slices "${MAXS:-50}" --positive-rate "${POS:-0.7}" --embolus-scale "${SCALE:-1}" >/dev/null 2>&1
+# the demo's phantom (00_make_phantom.py --preset demo, as make demo), with the sizes TRAIN / MINS / MAXS / POS
+# override when set
+SIZES=(--preset demo --embolus-scale "${SCALE:-1}")
+[[ -n ${TRAIN:-} ]] && SIZES+=(--train-studies "$TRAIN")
+[[ -n ${MINS:-} ]] && SIZES+=(--min-slices "$MINS")
+[[ -n ${MAXS:-} ]] && SIZES+=(--max-slices "$MAXS")
+[[ -n ${POS:-} ]] && SIZES+=(--positive-rate "$POS")
+$PY src/00_make_phantom.py --out "$R/data" --seed "$SEED" "${SIZES[@]}" >/dev/null 2>&1
 T1=$(date +%s)
 $PY src/01_parse_metadata.py --data-dir "$R/data" --split train --out "$R/work/meta/train.parquet" >/dev/null 2>&1
 $PY src/02_cache_images.py --meta "$R/work/meta/train.parquet" --out "$R/work/cache/jpeg$CACHE" --size "$CACHE" >/dev/null 2>&1
