@@ -5,8 +5,9 @@
    synthetic 512 px cache written to a temporary folder;
 2. the demo config's training steps/s on CPU (forward + backward + AdamW on random inputs, the
    trainer's loss), channels_last against NCHW, bf16 autocast on the CPU (``cpu_amp``) against
-   float32, and with the shi2020 attention loss against plain CE in the same run (issue 15: the cost
-   of the double backward);
+   float32, with the shi2020 attention loss against plain CE in the same run (issue 15: the cost
+   of the double backward), and with a light augmentation run in the training process before each
+   step (the demo's num_workers=0 path), OpenCV on its default threads against one thread;
 3. how many loader workers a GPU needs at the measured rate, for GPU training rates derived from
    timm's published benchmark (results/benchmark-train-amp-nhwc-pt112-cu113-rtx3090.csv in
    huggingface/pytorch-image-models: AMP, channels-last, RTX 3090), scaled by pixel count.
@@ -26,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
@@ -42,6 +44,10 @@ from pe.synthetic.caches import write_synthetic_cache
 from pe.train.attention import capture_features  # noqa: E402
 from pe.train.core import amp_settings  # noqa: E402
 from pe.train.losses import build_cnn_loss  # noqa: E402
+
+# The light augmentation of the README's demo trials (session 13-14), as 04_train_cnn.py overrides.
+LIGHT_AUG = ["aug=true", "aug_affine_p=0.5", "aug_scale=0.05", "aug_shift=0.03", "aug_rotate=5", "aug_brightness_p=0.3",
+             "aug_brightness=0.05", "aug_contrast=0.05", "aug_cutout_p=0"]
 
 # timm benchmark (RTX 3090, AMP, NHWC, train step): samples/s at the benchmark's image size.
 GPU_TRAIN_RATES = {  # model: (samples/s, benchmark img size)
@@ -67,13 +73,16 @@ def loader_rate(cache: dict[str, Path], n: int) -> float:
 
 
 def demo_step_rate(steps: int, channels_last: bool | None = None, attention: bool = False,
-                   cpu_amp: bool = False) -> tuple[float, CNNConfig]:
+                   cpu_amp: bool = False, augment: list[str] | None = None) -> tuple[float, CNNConfig]:
     """Train steps/s of the demo config (its threads; channels_last as configured unless given;
     float32 unless ``cpu_amp``: the forward under bf16 autocast, as the trainer runs it).
 
     ``attention``: the loss is CE + the shi2020 attention term (Grad-CAM inside the graph, double
-    backward) with every sample annotated (a random 1/8-area box mask), its most expensive case."""
+    backward) with every sample annotated (a random 1/8-area box mask), its most expensive case.
+    ``augment``: config overrides of an augmentation run on every sample of the batch before each step,
+    in this process (as the demo's ``num_workers: 0`` trainer does), on random uint8 stacks."""
     cfg = load_config(CNNConfig, paths.CONFIGS_DIR / "demo.yaml")
+    aug = build_augment(load_config(CNNConfig, paths.CONFIGS_DIR / "demo.yaml", augment)) if augment else None
     if channels_last is not None:
         cfg.channels_last = channels_last
     cfg.cpu_amp = cpu_amp
@@ -96,7 +105,14 @@ def demo_step_rate(steps: int, channels_last: bool | None = None, attention: boo
     batch = {"label": y, "mask": masks, "annotated": torch.ones(cfg.batch_size, dtype=torch.bool),
              "exam": torch.zeros(cfg.batch_size, 9)}
 
+    stacks = np.random.default_rng(0).integers(0, 256, (cfg.batch_size, cfg.img_size, cfg.img_size, x.shape[1]),
+                                               dtype=np.uint8)
+
     def step() -> None:
+        if aug is not None:
+            for i, a in enumerate(stacks):
+                aug.set_random_seed(i)
+                aug(image=a)
         with torch.autocast("cpu", dtype=amp_dtype, enabled=use_amp):  # as the trainer decides it
             if attention:
                 with capture_features(model.gradcam_layer) as feats:
@@ -147,6 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     att, _ = demo_step_rate(args.steps, attention=True)
     print(f"attention loss (shi2020, every sample annotated, same model and batch): {att:.2f} train steps/s = "
           f"{att * cfg.batch_size:.0f} samples/s, {steps / att:.2f}x the time of the CE step above")
+    aug_step, _ = demo_step_rate(args.steps, augment=LIGHT_AUG)
+    cv2_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    aug_step1, _ = demo_step_rate(args.steps, augment=LIGHT_AUG)
+    cv2.setNumThreads(cv2_threads)
+    print(f"with the light augmentation of the README's demo trials run in this process on every sample of the batch "
+          f"before each step: {aug_step:.2f} train steps/s with OpenCV's default {cv2_threads} threads, "
+          f"{aug_step1:.2f} with OpenCV on 1 thread ({aug_step / steps:.2f}x / {aug_step1 / steps:.2f}x the step "
+          f"without augmentation)")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"load average {load:.1f} at end (other processes slow these figures down)")
     return 0

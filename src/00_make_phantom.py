@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (the data root of later stages)")
     ap.add_argument("--preset", choices=sorted(PRESETS),
-                    help="named sizes (pe.synthetic.phantom_plan.PRESETS; demo: make demo's phantom); "
+                    help="named sizes (pe.synthetic.phantom.PRESETS; demo: make demo's phantom); "
                          "the flags below override them")
     ap.add_argument("--train-studies", type=int, help="required unless --preset gives it")
     ap.add_argument("--test-studies", type=int, help="required unless --preset gives it")

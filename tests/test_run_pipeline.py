@@ -40,7 +40,7 @@ def test_demo_runs_every_stage_in_order_with_phantom_seed_0_by_default(tmp_path)
     firsts = [scripts.index(s) for s in order]
     assert firsts == sorted(firsts) and set(scripts) == set(order)
     assert str(tmp_path / "data") in calls[0]  # the phantom goes where PE_DATA_DIR says
-    assert calls[0][calls[0].index("--preset") + 1] == "demo"  # its sizes: pe.synthetic.phantom_plan.PRESETS
+    assert calls[0][calls[0].index("--preset") + 1] == "demo"  # its sizes: pe.synthetic.phantom.PRESETS
     assert "demo finished" in proc.stdout
 
 

@@ -66,7 +66,6 @@ from pe.synthetic.phantom_plan import (  # noqa: F401 (public names of the phant
     JPEG_LOSSLESS,
     MARKER_FILE,
     P_POSITIVE,
-    PRESETS,
     SHORTCUT_FILE,
     SHORTCUT_KINDS,
     SPLITS,
@@ -80,6 +79,13 @@ from pe.synthetic.phantom_plan import (  # noqa: F401 (public names of the phant
     make_uid,
     plan_split,
 )
+
+# Named phantom sizes (src/00_make_phantom.py --preset NAME; explicit flags override). "demo" is the
+# phantom of make demo (src/run_pipeline.sh) and of bench/demo_cnn_trial.sh: 72 + 10 studies of 30-50
+# slices at 512 px, 70 % PE-positive exams (enough positive slices for a CNN to learn from 36 studies).
+PRESETS: dict[str, dict[str, float | int]] = {
+    "demo": dict(train_studies=72, test_studies=10, size=512, min_slices=30, max_slices=50, positive_rate=0.7),
+}
 
 
 # ------------------------------------------------------------------------------------------------

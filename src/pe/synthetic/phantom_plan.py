@@ -26,14 +26,6 @@ SHORTCUT_KINDS: tuple[str, ...] = ("marker", "stripes")
 SHORTCUT_FILE = "phantom_shortcut.csv"  # SOPInstanceUID, x, y, radius (pixels) of every planted shortcut
 
 
-# Named phantom sizes (src/00_make_phantom.py --preset NAME; explicit flags override). "demo" is the
-# phantom of make demo (src/run_pipeline.sh) and of bench/demo_cnn_trial.sh: 72 + 10 studies of 30-50
-# slices at 512 px, 70 % PE-positive exams (enough positive slices for a CNN to learn from 36 studies).
-PRESETS: dict[str, dict[str, float | int]] = {
-    "demo": dict(train_studies=72, test_studies=10, size=512, min_slices=30, max_slices=50, positive_rate=0.7),
-}
-
-
 # Exam-level prevalences (RSPECT train set, papers/suman2021_* table 1: 1878 / 5824 positive).
 P_POSITIVE = 0.32
 P_INDETERMINATE = 0.02
