@@ -31,6 +31,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from pe import paths  # noqa: E402
 from pe.config import (
@@ -45,9 +46,14 @@ from pe.train.attention import capture_features  # noqa: E402
 from pe.train.core import amp_settings  # noqa: E402
 from pe.train.losses import build_cnn_loss  # noqa: E402
 
-# The light augmentation of the README's demo trials (session 13-14), as 04_train_cnn.py overrides.
-LIGHT_AUG = ["aug=true", "aug_affine_p=0.5", "aug_scale=0.05", "aug_shift=0.03", "aug_rotate=5", "aug_brightness_p=0.3",
-             "aug_brightness=0.05", "aug_contrast=0.05", "aug_cutout_p=0"]
+# The light augmentation of the README's demo trials: the aug* overrides of the benchmark variant.
+LIGHT_AUG_VARIANT = paths.CONFIGS_DIR / "bench" / "cnn_light_aug.yaml"
+
+
+def light_aug_overrides() -> list[str]:
+    """The ``aug*`` key=value overrides of :data:`LIGHT_AUG_VARIANT`'s CNN (its epochs etc. left out)."""
+    overrides = yaml.safe_load(LIGHT_AUG_VARIANT.read_text())["cnn"]["overrides"]
+    return [o for o in overrides if o.split("=", 1)[0].startswith("aug")]
 
 # timm benchmark (RTX 3090, AMP, NHWC, train step): samples/s at the benchmark's image size.
 GPU_TRAIN_RATES = {  # model: (samples/s, benchmark img size)
@@ -163,12 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     att, _ = demo_step_rate(args.steps, attention=True)
     print(f"attention loss (shi2020, every sample annotated, same model and batch): {att:.2f} train steps/s = "
           f"{att * cfg.batch_size:.0f} samples/s, {steps / att:.2f}x the time of the CE step above")
-    aug_step, _ = demo_step_rate(args.steps, augment=LIGHT_AUG)
+    light = light_aug_overrides()
+    aug_step, _ = demo_step_rate(args.steps, augment=light)
     cv2_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
-    aug_step1, _ = demo_step_rate(args.steps, augment=LIGHT_AUG)
+    aug_step1, _ = demo_step_rate(args.steps, augment=light)
     cv2.setNumThreads(cv2_threads)
-    print(f"with the light augmentation of the README's demo trials run in this process on every sample of the batch "
+    print(f"with the light augmentation ({LIGHT_AUG_VARIANT.name}) run in this process on every sample of the batch "
           f"before each step: {aug_step:.2f} train steps/s with OpenCV's default {cv2_threads} threads, "
           f"{aug_step1:.2f} with OpenCV on 1 thread ({aug_step / steps:.2f}x / {aug_step1 / steps:.2f}x the step "
           f"without augmentation)")

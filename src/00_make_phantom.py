@@ -13,6 +13,7 @@ Same seed, same bytes. An existing phantom in DIR is replaced; any other data th
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 
 from pe.synthetic.phantom import (
@@ -24,8 +25,10 @@ from pe.synthetic.phantom import (
     make_phantom,
 )
 
-# sizes when neither a flag nor --preset gives them (the studies' counts have none: required)
-SIZE_DEFAULTS = dict(size=512, min_slices=40, max_slices=100, positive_rate=P_POSITIVE)
+# sizes when neither a flag nor --preset gives them: make_phantom's own defaults (the studies' counts have
+# none: required)
+SIZE_DEFAULTS = {k: inspect.signature(make_phantom).parameters[k].default
+                 for k in ("size", "min_slices", "max_slices", "positive_rate")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

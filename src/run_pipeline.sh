@@ -32,7 +32,7 @@ CACHE=$WORK/cache/jpeg256
 FOLDS=0,1
 T0=$(date +%s)
 
-# the demo phantom: 72 + 10 studies of 30-50 slices at 512 px, 70 % positive (pe.synthetic.phantom.PRESETS)
+# the demo phantom: its sizes are pe.synthetic.phantom.PRESETS["demo"]
 stage 00_make_phantom $PY src/00_make_phantom.py --out "$DATA" --preset demo --seed "$SEED"
 for s in train test; do
   stage 01_parse_metadata:$s $PY src/01_parse_metadata.py --data-dir "$DATA" --split $s --out "$WORK/meta/$s.parquet"

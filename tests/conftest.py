@@ -4,7 +4,9 @@ per test worker in a temporary folder (never in the repository's work/)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,6 +79,13 @@ def load_script() -> Callable[[str], ModuleType]:
     return _load_script
 
 
+def _copy_meta(meta: dict[str, Path]) -> None:
+    """Each split's metadata parquet in ``meta`` copied to where the stages read it (``paths.meta_path``)."""
+    for split, src in meta.items():
+        paths.meta_path(split).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, paths.meta_path(split))
+
+
 @contextmanager
 def _chain_env(root: Path, data_dir: Path, meta: dict[str, Path]) -> Iterator[dict[str, Path]]:
     """Inside the block: the PE_* folders under ``root`` (data from ``data_dir``), each split's metadata
@@ -92,9 +101,7 @@ def _chain_env(root: Path, data_dir: Path, meta: dict[str, Path]) -> Iterator[di
         with pytest.MonkeyPatch.context() as mp:
             for k, v in env.items():
                 mp.setenv(k, str(v))
-            for split, src in meta.items():
-                paths.meta_path(split).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(src, paths.meta_path(split))
+            _copy_meta(meta)
             yield env
     finally:
         torch.set_num_threads(threads)
@@ -118,9 +125,7 @@ def _untrained_cnn_runs(exp: str, cfg: Any, phantom_meta: dict[str, Path], folds
     from pe.models.slice_cnn import build_model
     from pe.rspect import STUDY
 
-    for split, src in phantom_meta.items():
-        paths.meta_path(split).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src, paths.meta_path(split))
+    _copy_meta(phantom_meta)
     studies = sorted(pd.read_parquet(phantom_meta["train"])[STUDY].unique())
     split = {0: studies[0::2], 1: studies[1::2]}
     pd.DataFrame({STUDY: studies, "fold": [i % 2 for i in range(len(studies))]}).to_csv(paths.folds_path(),
@@ -137,3 +142,24 @@ def _untrained_cnn_runs(exp: str, cfg: Any, phantom_meta: dict[str, Path], folds
 def untrained_cnn_runs() -> Callable[..., dict[int, list[str]]]:
     """``untrained_cnn_runs(exp, cfg, phantom_meta, folds, seed)``: see :func:`_untrained_cnn_runs`."""
     return _untrained_cnn_runs
+
+
+def _run_with_stand_in(script: Path, tmp_path: Path, args: list[str], env: dict[str, str],
+                       on_call: str = "") -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """Run the bash ``script`` with PY = a stand-in interpreter that records each call's arguments
+    (tab-separated, one call per line) instead of running Python, then runs the bash snippet ``on_call``
+    (``$1`` is the script it was given). Returns the process and the recorded calls."""
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\t" "$@" >> "{log}"\necho >> "{log}"\n{on_call}\n')
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", str(script), *args], env={**os.environ, "PY": str(fake), **env},
+                          capture_output=True, text=True, timeout=60)
+    calls = [line.rstrip("\t").split("\t") for line in log.read_text().splitlines()] if log.exists() else []
+    return proc, calls
+
+
+@pytest.fixture(scope="session")
+def run_with_stand_in() -> Callable[..., tuple[subprocess.CompletedProcess, list[list[str]]]]:
+    """``run_with_stand_in(script, tmp_path, args, env, on_call="")``: see :func:`_run_with_stand_in`."""
+    return _run_with_stand_in

@@ -5,8 +5,6 @@ command instead of running it."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,25 +13,21 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "demo_cnn_trial.sh"
 
 
-def _run(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
-    log = tmp_path / "calls.txt"
-    fake = tmp_path / "fake_python"
-    # records its arguments; as stage 04 it prints a line the script's grep keeps
-    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\t" "$@" >> "{log}"\necho >> "{log}"\n'
-                    'case "$1" in *04_train_cnn.py) echo "pooled out-of-fold slice AUC: stand-in";; esac\n')
-    fake.chmod(0o755)
-    full = {**os.environ, "PY": str(fake), "TRIALS_DIR": str(tmp_path / "trials"), **env}
-    proc = subprocess.run(["bash", str(SCRIPT), *args], env=full, capture_output=True, text=True, timeout=60)
-    calls = [line.rstrip("\t").split("\t") for line in log.read_text().splitlines()] if log.exists() else []
-    return proc, calls
+@pytest.fixture()
+def run(run_with_stand_in, tmp_path: Path):
+    """``run(*args, **env)``: the trial script with the stand-in interpreter, its trial under tmp_path; as
+    stage 04 the stand-in prints a line the script's grep keeps."""
+    on_call = 'case "$1" in *04_train_cnn.py) echo "pooled out-of-fold slice AUC: stand-in";; esac'
+    return lambda *args, **env: run_with_stand_in(SCRIPT, tmp_path, list(args),
+                                                  {"TRIALS_DIR": str(tmp_path / "trials"), **env}, on_call)
 
 
 def _value(call: list[str], flag: str) -> str | None:
     return call[call.index(flag) + 1] if flag in call else None
 
 
-def test_the_trial_makes_the_demo_phantom_and_passes_overrides_to_stage_04(tmp_path):
-    proc, calls = _run(tmp_path, "t1", "epochs=3", "aug=true")
+def test_the_trial_makes_the_demo_phantom_and_passes_overrides_to_stage_04(run, tmp_path):
+    proc, calls = run("t1", "epochs=3", "aug=true")
     assert proc.returncode == 0, proc.stderr
     phantom, cnn = calls[0], next(c for c in calls if c[0].endswith("04_train_cnn.py"))
     assert phantom[0].endswith("00_make_phantom.py") and _value(phantom, "--preset") == "demo"
@@ -43,8 +37,8 @@ def test_the_trial_makes_the_demo_phantom_and_passes_overrides_to_stage_04(tmp_p
     assert "pooled out-of-fold slice AUC: stand-in" in proc.stdout
 
 
-def test_sizes_and_seed_from_the_environment_override_the_preset(tmp_path):
-    proc, calls = _run(tmp_path, "t2", TRAIN="120", MINS="20", MAXS="30", POS="0.5", SEED="4", FOLDS="3")
+def test_sizes_and_seed_from_the_environment_override_the_preset(run):
+    proc, calls = run("t2", TRAIN="120", MINS="20", MAXS="30", POS="0.5", SEED="4", FOLDS="3")
     assert proc.returncode == 0, proc.stderr
     phantom = calls[0]
     assert [_value(phantom, f) for f in ("--preset", "--train-studies", "--min-slices", "--max-slices",
@@ -53,11 +47,11 @@ def test_sizes_and_seed_from_the_environment_override_the_preset(tmp_path):
 
 
 @pytest.mark.parametrize("env", [{"SEED": "x"}, {"FOLDS": "1"}, {"CACHE": "0"}, {"KEEP": "2"}])
-def test_bad_settings_are_refused_before_anything_runs(tmp_path, env):
-    proc, calls = _run(tmp_path, "t3", **env)
+def test_bad_settings_are_refused_before_anything_runs(run, env):
+    proc, calls = run("t3", **env)
     assert proc.returncode == 2 and calls == []
 
 
-def test_a_bad_trial_name_is_refused(tmp_path):
-    proc, calls = _run(tmp_path, "../escape")
+def test_a_bad_trial_name_is_refused(run):
+    proc, calls = run("../escape")
     assert proc.returncode == 2 and calls == [] and "bad trial name" in proc.stderr

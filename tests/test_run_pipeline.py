@@ -3,8 +3,6 @@ a stand-in interpreter that records every command instead of running it."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,24 +11,19 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "src" / "run_pipeline.sh"
 
 
-def _run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
-    log = tmp_path / "calls.txt"
-    fake = tmp_path / "fake_python"
-    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\t" "$@" >> "{log}"\necho >> "{log}"\n')
-    fake.chmod(0o755)
-    full = {**os.environ, "PY": str(fake), **{f"PE_{k}_DIR": str(tmp_path / k.lower())
-                                             for k in ("DATA", "WORK", "OOF", "SUBMISSIONS", "REPORTS")}, **env}
-    proc = subprocess.run(["bash", str(SCRIPT), "demo"], env=full, capture_output=True, text=True, timeout=60)
-    calls = [line.rstrip("\t").split("\t") for line in log.read_text().splitlines()] if log.exists() else []
-    return proc, calls
+@pytest.fixture()
+def run(run_with_stand_in, tmp_path: Path):
+    """``run(**env)``: run_pipeline.sh demo with the stand-in interpreter and the PE_* folders under tmp_path."""
+    dirs = {f"PE_{k}_DIR": str(tmp_path / k.lower()) for k in ("DATA", "WORK", "OOF", "SUBMISSIONS", "REPORTS")}
+    return lambda **env: run_with_stand_in(SCRIPT, tmp_path, ["demo"], {**dirs, **env})
 
 
 def _seed_of(call: list[str]) -> str:
     return call[call.index("--seed") + 1]
 
 
-def test_demo_runs_every_stage_in_order_with_phantom_seed_0_by_default(tmp_path):
-    proc, calls = _run(tmp_path)
+def test_demo_runs_every_stage_in_order_with_phantom_seed_0_by_default(run, tmp_path):
+    proc, calls = run()
     assert proc.returncode == 0, proc.stderr
     scripts = [Path(c[0]).name for c in calls]
     assert scripts[0] == "00_make_phantom.py" and _seed_of(calls[0]) == "0"
@@ -44,19 +37,19 @@ def test_demo_runs_every_stage_in_order_with_phantom_seed_0_by_default(tmp_path)
     assert "demo finished" in proc.stdout
 
 
-def test_phantom_seed_reaches_stage_00(tmp_path):
-    proc, calls = _run(tmp_path, PHANTOM_SEED="7")
+def test_phantom_seed_reaches_stage_00(run):
+    proc, calls = run(PHANTOM_SEED="7")
     assert proc.returncode == 0, proc.stderr
     assert _seed_of(calls[0]) == "7"
 
 
 @pytest.mark.parametrize("bad", ["x", "-1", "1.5", "1;2", "1e3", "1234567890"])
-def test_a_bad_phantom_seed_is_refused_before_anything_runs(tmp_path, bad):
-    proc, calls = _run(tmp_path, PHANTOM_SEED=bad)
+def test_a_bad_phantom_seed_is_refused_before_anything_runs(run, bad):
+    proc, calls = run(PHANTOM_SEED=bad)
     assert proc.returncode == 2 and calls == []
     assert "PHANTOM_SEED must be a non-negative integer" in proc.stderr
 
 
-def test_an_empty_phantom_seed_means_the_default(tmp_path):
-    proc, calls = _run(tmp_path, PHANTOM_SEED="")
+def test_an_empty_phantom_seed_means_the_default(run):
+    proc, calls = run(PHANTOM_SEED="")
     assert proc.returncode == 0 and _seed_of(calls[0]) == "0"

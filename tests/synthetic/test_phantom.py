@@ -363,13 +363,8 @@ def test_rv_enlargement_and_motion_are_visible() -> None:
     assert energy[1] < 0.5 * energy[0]
 
 
-def test_script_main(tmp_path: Path) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_phantom_script",
-                                                  Path(__file__).parents[2] / "src" / "00_make_phantom.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_script_main(tmp_path: Path, load_script) -> None:
+    mod = load_script("00_make_phantom.py")
     assert mod.main(["--out", str(tmp_path), "--train-studies", "2", "--test-studies", "1", "--seed", "1",
                      "--size", "40", "--min-slices", "5", "--max-slices", "6", "--workers", "1"]) == 0
     assert len(pd.read_csv(tmp_path / "train.csv")) >= 10
@@ -382,13 +377,8 @@ def test_script_main(tmp_path: Path) -> None:
     assert (truth["exam_kind"] == "positive").sum() == 3
 
 
-def test_script_preset_gives_the_demo_sizes_and_flags_override_it(tmp_path: Path) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_phantom_script",
-                                                  Path(__file__).parents[2] / "src" / "00_make_phantom.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_script_preset_gives_the_demo_sizes_and_flags_override_it(tmp_path: Path, load_script) -> None:
+    mod = load_script("00_make_phantom.py")
     demo = mod.parse_args(["--out", str(tmp_path), "--preset", "demo", "--seed", "3"])
     assert (demo.train_studies, demo.test_studies, demo.size, demo.min_slices, demo.max_slices,
             demo.positive_rate, demo.seed) == (72, 10, 512, 30, 50, 0.7, 3)
