@@ -11,8 +11,9 @@
 #   CACHE=512 bash bench/demo_cnn_trial.sh c512                   # another JPEG cache size (sets cache_size too)
 #   SCALE=1.25 bash bench/demo_cnn_trial.sh s125                  # phantom --embolus-scale (emboli x1.25)
 #   SEED=1 bash bench/demo_cnn_trial.sh seed1                     # another phantom draw (the demo's is seed 0)
-# The trial's phantom and JPEG cache (~1.5 GB) are removed at the end; KEEP=1 keeps them (OOF files,
-# models and metadata always stay under work/demo-trials/NAME; TRIALS_DIR=DIR puts the trial in DIR/NAME).
+# The trial's phantom and JPEG cache (~1.5 GB) are removed at the end; KEEP=1 keeps them (OOF files, the
+# slice truth, models and metadata always stay under work/demo-trials/NAME; TRIALS_DIR=DIR puts the trial in
+# DIR/NAME). Two recipes over several draws (SEED=0..N for each), paired: bench/demo_draws.py compare.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=${1:?usage: demo_cnn_trial.sh NAME [key=value ...]}; shift
@@ -46,37 +47,7 @@ $PY src/03_make_folds.py --meta "$R/work/meta/train.parquet" --out "$R/work/fold
 T2=$(date +%s)
 $PY src/04_train_cnn.py --config src/configs/demo.yaml --fold "$FOLD_LIST" progress=false cache_size="$CACHE" "$@" 2>&1 | grep "val_auc\|preloaded\|pooled"
 T3=$(date +%s)
-$PY - "$R" "$NAME" $((T1 - T0)) $((T2 - T1)) $((T3 - T2)) <<'PY'
-import sys
-from pathlib import Path
-
-import pandas as pd
-from sklearn.metrics import roc_auc_score
-
-sys.path.insert(0, "src")
-from pe.data.annotations import read_boxes  # noqa: E402
-
-root, name, t_ph, t_prep, t_cnn = Path(sys.argv[1]), sys.argv[2], *map(int, sys.argv[3:])
-oof = pd.concat([pd.read_parquet(f) for f in sorted((root / "oof/demo").glob("cnn_fold*.parquet"))])
-truth = pd.read_csv(root / "data/train.csv", usecols=["SOPInstanceUID", "pe_present_on_image"])
-m = oof.merge(truth, on="SOPInstanceUID", validate="one_to_one")
-# (the pooled OOF slice AUC itself is stage 04's line above)
-print(f"{name}: {len(m)} out-of-fold slices ({int(m.pe_present_on_image.sum())} positive); "
-      f"phantom {t_ph} s, stages 01-03 {t_prep} s, CNN {t_cnn} s")
-# Which positives the CNN misses: AUC of the positive slices grouped by their largest embolus box
-# (pixels of the 512 px slice) against all negative slices.
-boxes = read_boxes(root / "data/train_boxes.csv")  # validated: named error on a bad file
-area = (boxes.width * boxes.height).groupby(boxes.SOPInstanceUID).max().rename("area")
-m = m.merge(area, left_on="SOPInstanceUID", right_index=True, how="left")
-neg, pos = m[m.pe_present_on_image == 0], m[m.pe_present_on_image == 1]
-parts = []
-for lo, hi in [(0, 80), (80, 160), (160, None)]:
-    p = pos[(pos.area >= lo) & ((pos.area < hi) if hi else True)]
-    if len(p):
-        y = [1] * len(p) + [0] * len(neg)
-        parts.append(f"{lo}-{hi or ''} px2: {roc_auc_score(y, pd.concat([p.prob, neg.prob])):.3f} (n={len(p)})")
-if pos.area.isna().any():
-    parts.append(f"{int(pos.area.isna().sum())} positives without a box left out")
-print(f"{name}: slice AUC of the positives by largest embolus box vs all negatives: " + "; ".join(parts))
-PY
+# keeps the phantom's slice truth as $R/truth.csv (for bench/demo_draws.py compare) and prints the slice
+# counts, the wall times and the AUC of the positives by largest embolus box (which emboli it misses)
+$PY bench/demo_draws.py record "$R" --data "$R/data" --seconds $((T1 - T0)) $((T2 - T1)) $((T3 - T2))
 [[ $KEEP == 1 ]] || rm -rf "$R/data" "$R/work/cache"

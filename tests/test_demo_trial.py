@@ -35,6 +35,10 @@ def test_the_trial_makes_the_demo_phantom_and_passes_overrides_to_stage_04(run, 
     assert "--train-studies" not in phantom and "--min-slices" not in phantom  # the preset's sizes
     assert cnn[-2:] == ["epochs=3", "aug=true"] and _value(cnn, "--fold") == "0,1"
     assert "pooled out-of-fold slice AUC: stand-in" in proc.stdout
+    record = calls[-1]  # after stage 04: the trial keeps its phantom's truth before the phantom is removed
+    trial = tmp_path / "trials" / "t1"
+    assert record[0].endswith("demo_draws.py") and record[1:3] == ["record", str(trial)]
+    assert _value(record, "--data") == str(trial / "data")
 
 
 def test_sizes_and_seed_from_the_environment_override_the_preset(run):
