@@ -78,15 +78,21 @@ def test_a_trial_of_another_draw_or_without_truth_is_refused_with_its_folder(tmp
         draws.trial_oof(t)
 
 
-def test_slice_truth_keeps_each_slices_largest_box(tmp_path):
+def _data_dir(d: Path) -> Path:
+    """An RSPECT-layout train.csv of three slices (two positive) and their boxes."""
+    d.mkdir(parents=True, exist_ok=True)
     rows = pd.DataFrame({STUDY: "1.9", SOP: ["1.2.0", "1.2.1", "1.2.2"], "SeriesInstanceUID": "1.8"})
     for c in LABEL_COLUMNS:
         rows[c] = 0
     rows[IMAGE_LABEL] = [1, 1, 0]
-    rows.to_csv(tmp_path / "train.csv", index=False)
+    rows.to_csv(d / "train.csv", index=False)
     pd.DataFrame({SOP: ["1.2.0", "1.2.0", "1.2.1"], "x": 1, "y": 1, "width": [4, 10, 3], "height": [5, 10, 3]}) \
-        .to_csv(tmp_path / "train_boxes.csv", index=False)
-    got = draws.slice_truth(tmp_path).set_index(SOP)
+        .to_csv(d / "train_boxes.csv", index=False)
+    return d
+
+
+def test_slice_truth_keeps_each_slices_largest_box(tmp_path):
+    got = draws.slice_truth(_data_dir(tmp_path)).set_index(SOP)
     assert got.loc["1.2.0", "box_area"] == 100 and got.loc["1.2.1", "box_area"] == 9
     assert math.isnan(got.loc["1.2.2", "box_area"]) and got[IMAGE_LABEL].tolist() == [1, 1, 0]
 
@@ -105,3 +111,16 @@ def test_compare_pairs_the_trials_draw_by_draw(tmp_path):
     assert "A: mean" in out and "reach 0.90" in out
     bad = subprocess.run(cmd[:-1], capture_output=True, text=True)  # two B trials for three A trials
     assert bad.returncode != 0 and "pair them draw by draw" in bad.stderr
+
+
+def test_record_keeps_the_truth_and_prints_the_box_sizes(tmp_path):
+    trial = tmp_path / "t1"
+    (trial / "oof" / "demo").mkdir(parents=True)
+    pd.DataFrame({SOP: ["1.2.0", "1.2.1", "1.2.2"], "prob": [0.9, 0.2, 0.4]}) \
+        .to_parquet(trial / "oof" / "demo" / "cnn_fold0.parquet")
+    cmd = [sys.executable, str(REPO / "bench" / "demo_draws.py"), "record", str(trial),
+           "--data", str(_data_dir(trial / "data")), "--seconds", "1", "2", "3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert "t1: 3 out-of-fold slices (2 positive); phantom 1 s, stages 01-03 2 s, CNN 3 s" in out
+    assert "0-80 px2: 0.000 (n=1)" in out and "80-160 px2: 1.000 (n=1)" in out  # 9 px2 below, 100 px2 above the negative
+    assert draws.read_trial_truth(trial)[IMAGE_LABEL].tolist() == [1, 1, 0]
