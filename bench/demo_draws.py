@@ -6,7 +6,9 @@ paired over draws. Trials are the folders of ``bench/demo_cnn_trial.sh`` (work/d
   python bench/demo_draws.py record work/demo-trials/NAME --data work/demo-trials/NAME/data --seconds 33 20 420
 
   # trials made before the script kept truth.csv: remake seed N's demo phantom once (~35 s, then
-  # deleted) and write its truth into each trial of that draw
+  # deleted) and write its truth into each trial of that draw. Only for trials of the plain demo phantom
+  # (no TRAIN / MINS / MAXS / POS / SCALE): a trial of another draw is refused (its slice ids differ), but
+  # one of the same seed with other phantom options may share the ids and not the labels
   python bench/demo_draws.py truth --seed 1 work/demo-trials/seed1 work/demo-trials/lightaug_seed1
 
   # recipe B against recipe A, paired by draw (the i-th trial of --a with the i-th of --b, same seed)
