@@ -22,6 +22,7 @@ A bare trial name is looked up in --trials-dir (default work/demo-trials).
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,10 +78,8 @@ def compare(a: list[Path], b: list[Path], target: float) -> dict:
     res = draws.paired_over_draws([x["pooled_auc"] for x in fa], [y["pooled_auc"] for y in fb])
     for side, figs in (("A", fa), ("B", fb)):
         v = [f["pooled_auc"] for f in figs]
-        mean = sum(v) / len(v)
-        sd = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5
-        print(f"{side}: mean {mean:.4f} (sd {sd:.4f}) over {len(v)} draws; {sum(x >= target for x in v)} "
-              f"reach {target:.2f}")
+        print(f"{side}: mean {statistics.mean(v):.4f} (sd {statistics.stdev(v):.4f}) over {len(v)} draws; "
+              f"{sum(x >= target for x in v)} reach {target:.2f}")
     lo, hi = res["ci"]
     print(f"B - A: {res['mean']:+.4f}, 95 % t-interval over draws [{lo:+.4f}, {hi:+.4f}]; B higher on "
           f"{res['wins']} of {res['n']} draws (lower on {res['losses']}), sign test p = {res['sign_p']:.3f}")

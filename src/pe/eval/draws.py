@@ -23,6 +23,7 @@ from scipy import stats
 from pe.data.annotations import read_boxes
 from pe.data.tables import read_table, read_truth
 from pe.eval.metric import auc
+from pe.eval.pred_files import read_cnn_oof
 from pe.rspect import IMAGE_LABEL, SOP
 
 TRUTH_COLUMNS = (SOP, IMAGE_LABEL, "box_area")
@@ -57,10 +58,10 @@ def read_trial_truth(trial: str | Path) -> pd.DataFrame:
 def trial_oof(trial: str | Path, truth: pd.DataFrame | None = None) -> pd.DataFrame:
     """The trial's out-of-fold slices with their truth: SOPInstanceUID, prob, label, box_area."""
     t = Path(trial)
-    files = sorted((t / "oof" / "demo").glob("cnn_fold*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{t / 'oof' / 'demo'}: no cnn_fold*.parquet (stage 04 did not finish?)")
-    oof = pd.concat([pd.read_parquet(f, columns=[SOP, "prob"]) for f in files], ignore_index=True)
+    oof = read_cnn_oof("demo", t / "oof")  # the trial's PE_OOF_DIR; demo.yaml's experiment name
+    if oof is None:
+        raise FileNotFoundError(f"{t / 'oof' / 'demo'}: no cnn_fold<k>.parquet (stage 04 did not finish?)")
+    oof = oof[[SOP, "prob"]]
     truth = read_trial_truth(t) if truth is None else truth
     m = oof.merge(truth, on=SOP, how="left", validate="one_to_one")
     if m[IMAGE_LABEL].isna().any():

@@ -95,9 +95,10 @@ def cnn_exp_of(exp: str) -> str | None:
     return None
 
 
-def read_cnn_oof(cnn_exp: str) -> pd.DataFrame | None:
-    """Stage-1 slice probabilities of all folds (``oof/<cnn_exp>/cnn_fold<k>.parquet``), or None."""
-    files = sorted(paths.exp_oof_dir(cnn_exp).glob("cnn_fold[0-9]*.parquet"))
+def read_cnn_oof(cnn_exp: str, oof_root: Path | None = None) -> pd.DataFrame | None:
+    """Stage-1 slice probabilities of all folds (``<oof_root>/<cnn_exp>/cnn_fold<k>.parquet``, the root
+    ``paths.oof_dir()`` by default; another run's, e.g. a demo trial's, when given), or None."""
+    files = sorted(((oof_root or paths.oof_dir()) / cnn_exp).glob("cnn_fold[0-9]*.parquet"))
     if not files:
         return None
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
