@@ -251,6 +251,11 @@ class SeqConfig:
     # an embedding basis, which matters most with 2 folds). fold_model: the fold-k CNN itself (in-sample;
     # 05_export_embeddings.py --split train_fit), so train, validation and test share one space.
     train_embeddings: str = "oof"
+    # With fold_model, whose slice probabilities the training studies carry (the use_prob feature, the
+    # cnn_skip logit and the evidence heads' pooled logits). embeddings: the fold-k CNN's own, in-sample
+    # (over-confident where that CNN fits its training studies closely). oof: the out-of-fold CNNs'
+    # (as calibrated as the validation and test probabilities), the embeddings staying fold k's.
+    train_probs: str = "embeddings"
     rnn: str = "gru"  # gru | lstm
     layers: int = 2  # 1 or 2 bidirectional layers
     hidden: int = 128  # per direction; the sequence features h_k have 2*hidden channels

@@ -127,6 +127,9 @@ def test_variants_inherit_from_the_baseline_and_bad_files_are_named(tmp_path: Pa
     assert bm.load_variant("cnn_maxpool").cnn_key() != base.cnn_key()
     vote = bm.load_variant("voting_head")
     assert (base.exam_pe_head, vote.exam_pe_head) == ("sequence", "voting") and vote.seq == base.seq
+    probs = bm.load_variant("seq_oof_probs")  # stage 2 only: the baseline's CNN training is shared
+    assert probs.cnn_key() == base.cnn_key() and [m.config for m in probs.seq] == [m.config for m in base.seq]
+    assert all("train_probs=oof" in m.overrides for m in probs.seq)
     (tmp_path / "baseline.yaml").write_text((bm.BENCH_CONFIGS / "baseline.yaml").read_text())
     (tmp_path / "bad.yaml").write_text("sequence: []\n")
     with pytest.raises(bm.BenchError, match=r"bad\.yaml: unknown key"):

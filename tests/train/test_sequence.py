@@ -461,3 +461,37 @@ def test_fold_model_embeddings_train_in_the_validation_cnns_space(synthetic_tree
         load_fold_data(cfg, 0, load_train_labels())
     with pytest.raises(ValueError, match="train_embeddings"):
         load_fold_data(dataclasses.replace(cfg, train_embeddings="other"), 0, load_train_labels())
+
+
+def test_train_probs_oof_keeps_fold_models_embeddings_and_takes_out_of_fold_probabilities(
+        synthetic_tree: dict[int, list[StudySeq]]) -> None:
+    """train_probs=oof with fold_model: the training studies keep fold k's in-sample embeddings but carry
+    the out-of-fold CNNs' probabilities of the same slices (what the skip logit and the evidence heads
+    read); a train_fit export whose slices differ from the OOF export is refused, and so is oof without
+    fold_model (nothing to replace) or an unknown value."""
+    from pe.data.seq_items import load_fold_data
+    from pe.data.tables import load_train_labels
+
+    confident = {k: [StudySeq(it.study, it.sops, it.emb + 100.0, np.where(it.image_labels > 0.5, 0.999, 0.001)
+                              .astype(np.float32)) for it in items] for k, items in synthetic_tree.items()}
+    _write_embeddings("synth", 0, "train_fit", confident[1] + confident[2])
+    cfg = dataclasses.replace(SMALL, cnn_exp="synth", train_embeddings="fold_model")
+    labels = load_train_labels()
+    same, _ = load_fold_data(cfg, 0, labels)
+    mixed, val = load_fold_data(dataclasses.replace(cfg, train_probs="oof"), 0, labels)
+    oof = {it.study: it for k in (1, 2) for it in synthetic_tree[k]}
+    assert [it.study for it in mixed] == [it.study for it in same]
+    for a, b in zip(same, mixed, strict=True):
+        np.testing.assert_array_equal(a.emb, b.emb)  # fold 0's own embeddings in both
+        np.testing.assert_array_equal(b.probs, oof[b.study].probs)  # but the out-of-fold probabilities
+        np.testing.assert_array_equal(b.image_labels, a.image_labels)
+        assert not np.array_equal(a.probs, b.probs)
+    assert [it.study for it in val] == sorted(it.study for it in synthetic_tree[0])
+    bad = [StudySeq(it.study, it.sops[::-1].copy(), it.emb, it.probs) for it in confident[1]]
+    _write_embeddings("synth", 0, "train_fit", bad + confident[2])
+    with pytest.raises(ValueError, match="other slices"):
+        load_fold_data(dataclasses.replace(cfg, train_probs="oof"), 0, labels)
+    with pytest.raises(ValueError, match="train_probs=oof"):
+        load_fold_data(dataclasses.replace(cfg, train_embeddings="oof", train_probs="oof"), 0, labels)
+    with pytest.raises(ValueError, match="train_probs"):
+        load_fold_data(dataclasses.replace(cfg, train_probs="other"), 0, labels)

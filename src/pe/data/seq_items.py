@@ -119,10 +119,31 @@ def load_fold_data(cfg: SeqConfig, fold: int, labels: pd.DataFrame) -> tuple[lis
     per_fold = {j: load_split_studies(cfg.cnn_exp, j, "train", labels, cfg.progress) for j in folds}
     check_fold_membership(cfg, per_fold, "embeddings")
     train = [it for j in folds if j != fold for it in per_fold[j]]
+    probs_mode = getattr(cfg, "train_probs", "embeddings")
+    if probs_mode not in ("embeddings", "oof"):
+        raise ValueError(f"train_probs must be 'embeddings' or 'oof', got {probs_mode!r}")
     if uses_fold_model(cfg):
-        train = check_fit_studies(cfg, fold, train, load_split_studies(cfg.cnn_exp, fold, "train_fit", labels,
-                                                                       cfg.progress))
+        fit = check_fit_studies(cfg, fold, train, load_split_studies(cfg.cnn_exp, fold, "train_fit", labels,
+                                                                     cfg.progress))
+        train = with_oof_probs(fit, train, cfg.cnn_exp, fold) if probs_mode == "oof" else fit
+    elif probs_mode == "oof":
+        raise ValueError(f"{cfg.name}: train_probs=oof replaces fold_model's in-sample probabilities; with "
+                         "train_embeddings=oof the training probabilities are out-of-fold already")
     return train, per_fold[fold]
+
+
+def with_oof_probs(fit: list[StudySeq], oof: list[StudySeq], cnn_exp: str, fold: int) -> list[StudySeq]:
+    """Fold ``fold``'s in-sample training studies (``fit``) carrying the out-of-fold CNNs' slice
+    probabilities of the same slices instead of their own (``SeqConfig.train_probs = oof``)."""
+    by_study = {it.study: it for it in oof}
+    out = []
+    for it in fit:
+        o = by_study[it.study]  # check_fit_studies has matched the study sets
+        if len(o.sops) != len(it.sops) or (o.sops != it.sops).any():
+            raise ValueError(f"{paths.embeddings_dir(cnn_exp, fold, 'train_fit')}: study {it.study} lists other "
+                             "slices (or another order) than its out-of-fold export")
+        out.append(StudySeq(it.study, it.sops, it.emb, o.probs, it.image_labels, it.exam_labels))
+    return out
 
 
 def export_folds(cfg: Any, fold: int, what: str) -> list[int]:
