@@ -127,6 +127,13 @@ def test_variants_inherit_from_the_baseline_and_bad_files_are_named(tmp_path: Pa
     assert bm.load_variant("cnn_maxpool").cnn_key() != base.cnn_key()
     vote = bm.load_variant("voting_head")
     assert (base.exam_pe_head, vote.exam_pe_head) == ("sequence", "voting") and vote.seq == base.seq
+    # every shipped variant's CNN (and the runs it builds on) reads the benchmark's frozen recipe, not demo.yaml,
+    # so a demo edit never moves the benchmark's baseline or invalidates its stored runs
+    for f in sorted(bm.BENCH_CONFIGS.glob("*.yaml")):
+        v = bm.load_variant(f.stem)
+        assert {v.cnn.config, *(b.spec.config for b in v.before)} == {"src/configs/bench_cnn_base.yaml"}, f.name
+    n0 = bm.load_variant("cnn_n0")
+    assert n0.cnn_key() != base.cnn_key() and "neighbors=0" in n0.cnn.overrides
     probs = bm.load_variant("seq_oof_probs")  # stage 2 only: the baseline's CNN training is shared
     assert probs.cnn_key() == base.cnn_key() and [m.config for m in probs.seq] == [m.config for m in base.seq]
     assert all("train_probs=oof" in m.overrides for m in probs.seq)

@@ -80,7 +80,8 @@ def test_demo_model_learns_on_held_out_fold(fake: dict[str, Path], tmp_path: Pat
         # the export path (pe.models.slice_cnn.run_batches) follows the saved config the same way
         model, cfg2 = load_cnn(run / "best.pt")
         conv_dtypes.clear()
-        _, emb = run_batches(model, cfg2, 3, lambda rows, dev: torch.rand(len(rows), 9, 64, 64, device=dev))
+        chans = 3 * (2 * cfg2.neighbors + 1)  # 3 windows per slice of the stack
+        _, emb = run_batches(model, cfg2, 3, lambda rows, dev: torch.rand(len(rows), chans, 64, 64, device=dev))
         assert conv_dtypes == ({torch.bfloat16} if cpu_amp else {torch.float32}) and emb.dtype == np.float32
     finally:
         seen.remove()
