@@ -113,13 +113,23 @@ def config_fingerprints(cmd: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _by_content(cmd: Sequence[str], configs: dict[str, str]) -> list[str]:
+    """The command with every config file named by its contents' fingerprint instead of its path."""
+    return [configs.get(str(a), str(a)) if str(a).endswith((".yaml", ".yml")) else str(a) for a in cmd]
+
+
 def _same_key(done: Path, key: dict) -> bool:
-    """Whether a run stage's marker records this command and these config contents."""
+    """Whether a run stage's marker records this command and these config contents. Config files count by
+    their bytes, not their paths: a byte-identical copy at another path (the benchmark's frozen CNN recipe,
+    src/configs/bench_cnn_base.yaml) resumes the runs made with the original."""
     try:
         old = json.loads(done.read_text())
     except (OSError, ValueError):
         return False
-    return old.get("cmd") == key["cmd"] and old.get("configs") == key["configs"] and old.get("data") == key["data"]
+    if not isinstance(old.get("cmd"), list) or not isinstance(old.get("configs"), dict):
+        return False
+    return (_by_content(old["cmd"], old["configs"]) == _by_content(key["cmd"], key["configs"])
+            and old.get("data") == key["data"])
 
 
 class Runner:

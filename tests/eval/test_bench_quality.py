@@ -248,6 +248,24 @@ def test_benchmark_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert n > 0 and same == n and lines[1].split(": ", 1)[1] == lines[2].split(": ", 1)[1]
 
 
+def test_stage_markers_match_configs_by_bytes_not_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished stage is reused when its config file was renamed or copied byte for byte (the frozen CNN recipe),
+    and rerun when the bytes, another argument or the data differ."""
+    bq = _bench_module(monkeypatch)
+    done = tmp_path / "s.done"
+    cmd = ["python", "src/04_train_cnn.py", "--config", "src/configs/demo.yaml", "--fold", "0", "epochs=6"]
+    done.write_text(json.dumps({"cmd": cmd, "configs": {"src/configs/demo.yaml": "aaa"}, "data": "d1"}))
+    moved = [*cmd[:3], "src/configs/bench_cnn_base.yaml", *cmd[4:]]
+    assert bq._same_key(done, {"cmd": moved, "configs": {"src/configs/bench_cnn_base.yaml": "aaa"}, "data": "d1"})
+    assert bq._same_key(done, {"cmd": cmd, "configs": {"src/configs/demo.yaml": "aaa"}, "data": "d1"})
+    assert not bq._same_key(done, {"cmd": moved, "configs": {"src/configs/bench_cnn_base.yaml": "bbb"}, "data": "d1"})
+    assert not bq._same_key(done, {"cmd": [*moved[:-1], "epochs=8"], "configs": {"src/configs/bench_cnn_base.yaml": "aaa"},
+                                   "data": "d1"})
+    assert not bq._same_key(done, {"cmd": moved, "configs": {"src/configs/bench_cnn_base.yaml": "aaa"}, "data": "d2"})
+    done.write_text("not json")
+    assert not bq._same_key(done, {"cmd": cmd, "configs": {"src/configs/demo.yaml": "aaa"}, "data": "d1"})
+
+
 def test_ranking_figures_read_the_beliefs_and_the_metric_the_repaired_submission(calibrated) -> None:
     """The repair moves values to the 0.5 boundary and ties every exam it moves; ``ranked_by`` keeps
     the metric of the repaired set and the AUCs of the beliefs; call_stats matches binary_stats."""
