@@ -19,7 +19,7 @@ from pe import paths
 from pe.config import CNNConfig, load_config
 from pe.data.cache import load_boxes, load_index
 from pe.data.folds import load_folds
-from pe.data.slices import EpochBatchSampler, build_slice_table
+from pe.data.slices import EpochBatchSampler, build_slice_table, n_channels
 from pe.models.load import load_cnn
 from pe.models.slice_cnn import run_batches
 from pe.synthetic.caches import write_synthetic_cache
@@ -80,7 +80,7 @@ def test_demo_model_learns_on_held_out_fold(fake: dict[str, Path], tmp_path: Pat
         # the export path (pe.models.slice_cnn.run_batches) follows the saved config the same way
         model, cfg2 = load_cnn(run / "best.pt")
         conv_dtypes.clear()
-        chans = 3 * (2 * cfg2.neighbors + 1)  # 3 windows per slice of the stack
+        chans = n_channels(cfg2.neighbors)
         _, emb = run_batches(model, cfg2, 3, lambda rows, dev: torch.rand(len(rows), chans, 64, 64, device=dev))
         assert conv_dtypes == ({torch.bfloat16} if cpu_amp else {torch.float32}) and emb.dtype == np.float32
     finally:

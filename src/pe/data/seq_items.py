@@ -119,14 +119,13 @@ def load_fold_data(cfg: SeqConfig, fold: int, labels: pd.DataFrame) -> tuple[lis
     per_fold = {j: load_split_studies(cfg.cnn_exp, j, "train", labels, cfg.progress) for j in folds}
     check_fold_membership(cfg, per_fold, "embeddings")
     train = [it for j in folds if j != fold for it in per_fold[j]]
-    probs_mode = getattr(cfg, "train_probs", "embeddings")
-    if probs_mode not in ("embeddings", "oof"):
-        raise ValueError(f"train_probs must be 'embeddings' or 'oof', got {probs_mode!r}")
+    if cfg.train_probs not in ("embeddings", "oof"):
+        raise ValueError(f"train_probs must be 'embeddings' or 'oof', got {cfg.train_probs!r}")
     if uses_fold_model(cfg):
         fit = check_fit_studies(cfg, fold, train, load_split_studies(cfg.cnn_exp, fold, "train_fit", labels,
                                                                      cfg.progress))
-        train = with_oof_probs(fit, train, cfg.cnn_exp, fold) if probs_mode == "oof" else fit
-    elif probs_mode == "oof":
+        train = with_oof_probs(fit, train, cfg.cnn_exp, fold) if cfg.train_probs == "oof" else fit
+    elif cfg.train_probs == "oof":
         raise ValueError(f"{cfg.name}: train_probs=oof replaces fold_model's in-sample probabilities; with "
                          "train_embeddings=oof the training probabilities are out-of-fold already")
     return train, per_fold[fold]
