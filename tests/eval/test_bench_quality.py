@@ -132,8 +132,13 @@ def test_variants_inherit_from_the_baseline_and_bad_files_are_named(tmp_path: Pa
     for f in sorted(bm.BENCH_CONFIGS.glob("*.yaml")):
         v = bm.load_variant(f.stem)
         assert {v.cnn.config, *(b.spec.config for b in v.before)} == {"src/configs/bench_cnn_base.yaml"}, f.name
-    n0 = bm.load_variant("cnn_n0")
-    assert n0.cnn_key() != base.cnn_key() and "neighbors=0" in n0.cnn.overrides
+    n1 = bm.load_variant("cnn_n1")  # the 9-channel recipe, the baseline's until 2026-11-30 (session 17)
+    assert n1.cnn_key() != base.cnn_key() and "neighbors=1" in n1.cnn.overrides
+    assert yaml.safe_load((paths.REPO_ROOT / base.cnn.config).read_text())["neighbors"] == 0
+    pos = bm.load_variant("attention_pos")
+    att = bm.load_variant("attention")
+    assert pos.cnn_key() not in (base.cnn_key(), att.cnn_key()) and pos.seq == base.seq
+    assert set(pos.cnn.overrides) == {*att.cnn.overrides, "attention_negatives=false"}
     probs = bm.load_variant("seq_oof_probs")  # stage 2 only: the baseline's CNN training is shared
     assert probs.cnn_key() == base.cnn_key() and [m.config for m in probs.seq] == [m.config for m in base.seq]
     assert all("train_probs=oof" in m.overrides for m in probs.seq)
@@ -208,6 +213,9 @@ def test_benchmark_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert (math.isnan(got) and math.isnan(stats["f1"])) or got == pytest.approx(stats["f1"], rel=1e-9)
         assert seed0["voting_rule"] is not None and seed0["voting_rule"]["mu"] >= 1
         assert "vote_call:f1" in seed0["figures"]
+        f = seed0["figures"]
+        if "pointing" in f:  # a constant map has no peak, so it is never a hit: the two shares add up to <= 1
+            assert 0 <= f["pointing_constant"]["estimate"] <= 1 - f["pointing"]["estimate"] + 1e-12
         lo, est, hi = (seed0["figures"]["score"][k] for k in ("low", "estimate", "high"))
         assert lo <= est <= hi
     # the voting head gives the exam PE rows: one probability per call (called / not called)
@@ -220,7 +228,9 @@ def test_benchmark_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert d == pytest.approx(r["variants"]["gru_only"]["mean"]["score"]["estimate"]
                               - r["variants"]["baseline"]["mean"]["score"]["estimate"], abs=1e-12)
     assert r["stage_seconds"] and (out / "index.html").is_file() and (out / "labels.png").is_file()
-    assert "metric" in (out / "table.txt").read_text()
+    table = (out / "table.txt").read_text()
+    assert "metric" in table
+    assert ("constant maps" in table) == ("pointing" in r["variants"]["baseline"]["mean"])
     # bench/compare_runs.py recomputes the same figures from the run folders, and its contrasts pair
     cmp = compare(tmp_path / "phantom" / "phantom_test_labels.csv",
                   [parse_side(f"base={out}:baseline"), parse_side(f"gru={out}:gru_only")], ["gru-base"], [1], n_boot=50)

@@ -70,14 +70,15 @@ def test_pointing_game_hits_misses_and_chance_rate() -> None:
     flat = np.zeros((10, 10))  # constant: points nowhere, a miss
     box = [(2, 1, 5, 4)]  # 3 × 3 pixels = 9 % of the frame
     res = pointing_game([hit, miss, flat], [box, box, box])
-    assert (res.n, res.hits) == (3, 1)
+    assert (res.n, res.hits, res.constant) == (3, 1, 1)
+    assert "1 constant maps" in res.summary()
     assert res.accuracy == pytest.approx(1 / 3)
     assert res.chance == pytest.approx(0.09)
     # Two boxes, one overlapping the other: the union counts once.
     two = [(0, 0, 5, 2), (0, 0, 10, 1)]
     assert boxes_mask((10, 10), two).sum() == 10 + 5
     res2 = pointing_game([miss], [two])
-    assert res2.hits == 0 and res2.chance == pytest.approx(0.15)
+    assert res2.hits == 0 and res2.constant == 0 and res2.chance == pytest.approx(0.15)
     # The right/bottom edge is exclusive: a peak at col 5 is outside box x 2..5.
     edge = np.zeros((10, 10))
     edge[2, 5] = 1.0

@@ -48,17 +48,20 @@ def boxes_mask(shape: tuple[int, int], boxes: np.ndarray | Sequence[Sequence[flo
 
 @dataclass(frozen=True)
 class PointingResult:
-    """Pointing-game outcome over n maps: hits, accuracy = hits / n, chance = mean box share."""
+    """Pointing-game outcome over n maps: hits, accuracy = hits / n, chance = mean box share, and how
+    many maps were constant (no peak: counted as misses; an attention loss that trains negatives
+    towards an empty map can switch a map off instead of moving it)."""
 
     n: int
     hits: int
     accuracy: float
     chance: float
+    constant: int = 0
 
     def summary(self, name: str = "maps") -> str:
         ratio = self.accuracy / self.chance if self.chance > 0 else float("nan")
         return (f"pointing game ({name}): {self.hits}/{self.n} peaks inside an embolus box = "
-                f"{self.accuracy:.3f} vs chance {self.chance:.3f} ({ratio:.1f}x)")
+                f"{self.accuracy:.3f} vs chance {self.chance:.3f} ({ratio:.1f}x); {self.constant} constant maps")
 
 
 def pointing_game(
@@ -74,16 +77,17 @@ def pointing_game(
         raise ValueError(f"{len(maps)} maps but {len(boxes)} box lists")
     if len(maps) == 0:
         raise ValueError("pointing game needs at least one map")
-    hits, shares = 0, []
+    hits, constant, shares = 0, 0, []
     for i, (m, b) in enumerate(zip(maps, boxes, strict=True)):
         mask = boxes_mask(np.asarray(m).shape, b)
         if not mask.any():
             raise ValueError(f"map {i} has no box inside the frame")
         peak = map_peak(m)
         hits += int(peak is not None and bool(mask[peak]))
+        constant += int(peak is None)
         shares.append(float(mask.mean()))
     n = len(maps)
-    return PointingResult(n=n, hits=hits, accuracy=hits / n, chance=float(np.mean(shares)))
+    return PointingResult(n=n, hits=hits, accuracy=hits / n, chance=float(np.mean(shares)), constant=constant)
 
 
 def boxes_to_input_frame(
