@@ -15,11 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pe.eval.benchmark_report import heldout_boxes, pipeline_env  # noqa: E402
-from pe.explain.pointing import pointing_game  # noqa: E402
+from pe.explain.pointing import map_peak, pointing_game  # noqa: E402
 from pe.report.explain_maps import explain_slices  # noqa: E402
 from pe.rspect import SOP, STUDY  # noqa: E402
 
@@ -49,13 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         with pipeline_env(run, a.data):
             maps.append({s.sop: s for s in explain_slices(a.exp, targets, fold_of, boxes, shapes)})
     common = sorted(set(maps[0]) & set(maps[1]))
-    same = sum(np.unravel_index(maps[0][k].cam.argmax(), maps[0][k].cam.shape)
-               == np.unravel_index(maps[1][k].cam.argmax(), maps[1][k].cam.shape) for k in common)
-    print(f"{len(common)} slices: Grad-CAM maxima at the same pixel on {same}")
+    peaks = [[map_peak(m[k].cam) for k in common] for m in maps]  # None: a constant map points nowhere
+    both = [(p, q) for p, q in zip(*peaks, strict=True) if p is not None and q is not None]
+    print(f"{len(common)} slices: Grad-CAM maxima at the same pixel on {sum(p == q for p, q in both)} "
+          f"of the {len(both)} where neither map is constant")
     for run, m in zip(a.run, maps, strict=True):
         boxed = [m[k] for k in common if m[k].boxes is not None and len(m[k].boxes)]
         r = pointing_game([s.cam for s in boxed], [s.boxes for s in boxed])
-        print(f"{run.name}: pointing game {r.hits}/{r.n} (chance {r.chance:.4f})")
+        print(f"{run.name}: pointing game {r.hits}/{r.n} (chance {r.chance:.4f}), {r.constant} constant maps")
     return 0
 
 

@@ -254,8 +254,10 @@ def test_benchmark_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     capsys.readouterr()
     assert cams.main(["--data", str(tmp_path / "phantom"), "--run", str(run), "--run", str(run), "--n", "6"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    n, same = (int(v) for v in re.match(r"(\d+) slices: Grad-CAM maxima at the same pixel on (\d+)", lines[0]).groups())
-    assert n > 0 and same == n and lines[1].split(": ", 1)[1] == lines[2].split(": ", 1)[1]
+    n, same, both = (int(v) for v in re.match(r"(\d+) slices: Grad-CAM maxima at the same pixel on (\d+) of the (\d+)",
+                                                lines[0]).groups())
+    constant = int(re.search(r"(\d+) constant maps", lines[1]).group(1))
+    assert n > 0 and same == both == n - constant and lines[1].split(": ", 1)[1] == lines[2].split(": ", 1)[1]
 
 
 def test_stage_markers_match_configs_by_bytes_not_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
