@@ -72,6 +72,16 @@ def test_pointing_game_hits_misses_and_chance_rate() -> None:
     res = pointing_game([hit, miss, flat], [box, box, box])
     assert (res.n, res.hits, res.constant) == (3, 1, 1)
     assert "1 constant maps" in res.summary()
+    # the miss peaks at (8, 8), sqrt(4**2 + 5**2) = 6.4 px from the box's nearest pixel (3, 4): near at 15 px, not at 5
+    assert (res.tolerance, res.near) == (15.0, 2)
+    assert pointing_game([hit, miss, flat], [box, box, box], tolerance=5).near == 1
+    # map mass inside the boxes, over the non-constant maps: all of the hit's, none of the miss's
+    assert res.mass == pytest.approx(0.5)
+    spread = np.ones((10, 10))
+    spread[0, 0] = 2.0  # peak outside, 9 of 101 units inside the box
+    r3 = pointing_game([spread], [box])
+    assert (r3.hits, r3.near, r3.constant) == (0, 1, 0) and r3.mass == pytest.approx(9 / 101)
+    assert np.isnan(pointing_game([flat], [box]).mass)
     assert res.accuracy == pytest.approx(1 / 3)
     assert res.chance == pytest.approx(0.09)
     # Two boxes, one overlapping the other: the union counts once.

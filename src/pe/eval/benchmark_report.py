@@ -61,7 +61,8 @@ def pointing_per_study(run: Path, data: Path, scorer: metric.Scorer, cnn_probs: 
     """Grad-CAM pointing game of the fold models on up to ``max_slices`` boxed positive held-out
     slices (held-out study i explained by fold model i mod K: none of them trained on it), through
     :func:`pe.report.explain_maps.explain_slices` and :func:`pe.explain.cam.pointing_game`. Returns per-study
-    hits, counts, chance sums and constant (peakless) maps (scorer order), or None without boxes."""
+    hits, counts, chance sums, constant (peakless) maps, peaks within 15 px of a box, non-constant maps and
+    their summed map mass inside the boxes (scorer order), or None without boxes."""
     from pe.explain.pointing import boxes_mask, pointing_game
     from pe.report.explain_maps import explain_slices
 
@@ -78,7 +79,7 @@ def pointing_per_study(run: Path, data: Path, scorer: metric.Scorer, cnn_probs: 
     with pipeline_env(run, data):
         slices = explain_slices("cnn", df[[SOP, STUDY, "prob"]], fold_of, boxes, shapes)
     code = dict(zip(df[SOP], df["code"], strict=True))
-    out = {k: np.zeros(scorer.n_studies) for k in ("hits", "n", "chance", "constant")}
+    out = {k: np.zeros(scorer.n_studies) for k in ("hits", "n", "chance", "constant", "near", "on", "mass")}
     for s in slices:
         if s.boxes is None or not len(s.boxes) or not boxes_mask(s.cam.shape, s.boxes).any():
             continue
@@ -88,6 +89,10 @@ def pointing_per_study(run: Path, data: Path, scorer: metric.Scorer, cnn_probs: 
         out["n"][i] += 1
         out["chance"][i] += r.chance
         out["constant"][i] += r.constant
+        out["near"][i] += r.near
+        if not r.constant:
+            out["on"][i] += 1
+            out["mass"][i] += r.mass
     return out if out["n"].sum() else None
 
 
@@ -205,6 +210,8 @@ def evaluate(args: Any, variants: Sequence[bm.Variant], seeds: Sequence[int], ru
                 seed_stats["pointing"] = _ratio(c["pointing"]["hits"], c["pointing"]["n"])
                 seed_stats["pointing_chance"] = _ratio(c["pointing"]["chance"], c["pointing"]["n"])
                 seed_stats["pointing_constant"] = _ratio(c["pointing"]["constant"], c["pointing"]["n"])
+                seed_stats["pointing_near"] = _ratio(c["pointing"]["near"], c["pointing"]["n"])
+                seed_stats["pointing_mass"] = _ratio(c["pointing"]["mass"], c["pointing"]["on"])
             for k, s in seed_stats.items():
                 stats[v.name].setdefault(k, []).append(s)
             per_seed[seed] = {"predictions": str(csv.relative_to(args.out)), "run": str(runs[(v.name, seed)].name),
@@ -269,8 +276,10 @@ def format_table(r: Mapping[str, Any]) -> str:
                      f"(CNN of {', '.join(names)})")
         lines.append(f"{'CNN slice AUC':<{w + 6}}{fmt_ci(m['cnn_slice_auc']):<26}"
                      + (f"pointing game {fmt_ci(m['pointing'], 3)} vs chance {fmt_num(m['pointing_chance']['estimate'], 3)}"
-                        + (f", constant maps {fmt_ci(m['pointing_constant'], 3)}" if "pointing_constant" in m else "")
                         if "pointing" in m else "pointing game: no embolus boxes"))
+        if "pointing_near" in m:
+            lines.append(f"{'':<{w + 6}}Grad-CAM peak within 15 px of a box {fmt_ci(m['pointing_near'], 3)}, constant maps "
+                         f"{fmt_ci(m['pointing_constant'], 3)}, map mass inside the boxes {fmt_ci(m['pointing_mass'], 3)}")
     lines += ["", "paired differences (mean over seeds of the per-seed difference; same studies resampled):"]
     for name, v in r["variants"].items():
         d = v["minus_maxagg"]

@@ -48,46 +48,70 @@ def boxes_mask(shape: tuple[int, int], boxes: np.ndarray | Sequence[Sequence[flo
 
 @dataclass(frozen=True)
 class PointingResult:
-    """Pointing-game outcome over n maps: hits, accuracy = hits / n, chance = mean box share, and how
-    many maps were constant (no peak: counted as misses; an attention loss that trains negatives
-    towards an empty map can switch a map off instead of moving it)."""
+    """Pointing-game outcome over n maps: hits (peak inside a box), accuracy = hits / n, chance = mean box
+    share; how many maps were constant (no peak: counted as misses; an attention loss that trains negatives
+    towards an empty map can switch a map off instead of moving it); ``near``: peaks within ``tolerance``
+    pixels of a box (Zhang et al. 2016's pointing game allows 15 px); ``mass``: the mean share of a
+    non-constant map's (non-negative) sum that lies inside the boxes (NaN when every map is constant)."""
 
     n: int
     hits: int
     accuracy: float
     chance: float
     constant: int = 0
+    near: int = 0
+    tolerance: float = 0.0
+    mass: float = float("nan")
 
     def summary(self, name: str = "maps") -> str:
         ratio = self.accuracy / self.chance if self.chance > 0 else float("nan")
         return (f"pointing game ({name}): {self.hits}/{self.n} peaks inside an embolus box = "
-                f"{self.accuracy:.3f} vs chance {self.chance:.3f} ({ratio:.1f}x); {self.constant} constant maps")
+                f"{self.accuracy:.3f} vs chance {self.chance:.3f} ({ratio:.1f}x); {self.near} within "
+                f"{self.tolerance:g} px; {self.constant} constant maps; map mass inside the boxes {self.mass:.3f}")
+
+
+def box_distance(mask: np.ndarray, peak: tuple[int, int]) -> float:
+    """Euclidean distance in pixels from ``peak`` (row, col) to the nearest pixel of ``mask`` (0 inside)."""
+    if mask[peak]:
+        return 0.0
+    rows, cols = np.nonzero(mask)
+    return float(np.sqrt(((rows - peak[0]) ** 2 + (cols - peak[1]) ** 2).min()))
 
 
 def pointing_game(
     maps: Sequence[np.ndarray] | np.ndarray,
     boxes: Sequence[np.ndarray | Sequence[Sequence[float]]],
+    tolerance: float = 15.0,
 ) -> PointingResult:
     """Share of maps whose peak lies inside one of that map's boxes, and the chance rate.
 
     ``boxes[i]`` holds the boxes (x0, y0, x1, y1) of map i in the map's pixel frame. Maps without a
     box are an error (the game is only defined where the truth is known); a constant map is a miss.
+    Also counts peaks within ``tolerance`` pixels of a box and the map mass inside the boxes.
     """
     if len(maps) != len(boxes):
         raise ValueError(f"{len(maps)} maps but {len(boxes)} box lists")
     if len(maps) == 0:
         raise ValueError("pointing game needs at least one map")
-    hits, constant, shares = 0, 0, []
+    hits, near, constant, shares, mass = 0, 0, 0, [], []
     for i, (m, b) in enumerate(zip(maps, boxes, strict=True)):
-        mask = boxes_mask(np.asarray(m).shape, b)
+        m = np.asarray(m)
+        mask = boxes_mask(m.shape, b)
         if not mask.any():
             raise ValueError(f"map {i} has no box inside the frame")
-        peak = map_peak(m)
-        hits += int(peak is not None and bool(mask[peak]))
-        constant += int(peak is None)
         shares.append(float(mask.mean()))
+        peak = map_peak(m)
+        if peak is None:
+            constant += 1
+            continue
+        d = box_distance(mask, peak)
+        hits += int(d == 0)
+        near += int(d <= tolerance)
+        pos = np.clip(m, 0, None)
+        mass.append(float(pos[mask].sum() / pos.sum()) if pos.sum() > 0 else 0.0)
     n = len(maps)
-    return PointingResult(n=n, hits=hits, accuracy=hits / n, chance=float(np.mean(shares)), constant=constant)
+    return PointingResult(n=n, hits=hits, accuracy=hits / n, chance=float(np.mean(shares)), constant=constant,
+                          near=near, tolerance=float(tolerance), mass=float(np.mean(mass)) if mass else float("nan"))
 
 
 def boxes_to_input_frame(
