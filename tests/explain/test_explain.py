@@ -74,6 +74,9 @@ def test_pointing_game_hits_misses_and_chance_rate() -> None:
     assert "1 constant maps" in res.summary()
     # the miss peaks at (8, 8), sqrt(4**2 + 5**2) = 6.4 px from the box's nearest pixel (3, 4): near at 15 px, not at 5
     assert (res.tolerance, res.near) == (15.0, 2)
+    # chance of the tolerant game: the share of the 10 x 10 frame within 15 px of the box (all of it) or 1 px
+    assert res.near_chance == pytest.approx(1.0)
+    assert pointing_game([hit], [box], tolerance=1).near_chance == pytest.approx((9 + 4 * 3) / 100)
     assert pointing_game([hit, miss, flat], [box, box, box], tolerance=5).near == 1
     # map mass inside the boxes, over the non-constant maps: all of the hit's, none of the miss's
     assert res.mass == pytest.approx(0.5)

@@ -79,7 +79,7 @@ def pointing_per_study(run: Path, data: Path, scorer: metric.Scorer, cnn_probs: 
     with pipeline_env(run, data):
         slices = explain_slices("cnn", df[[SOP, STUDY, "prob"]], fold_of, boxes, shapes)
     code = dict(zip(df[SOP], df["code"], strict=True))
-    out = {k: np.zeros(scorer.n_studies) for k in ("hits", "n", "chance", "constant", "near", "on", "mass")}
+    out = {k: np.zeros(scorer.n_studies) for k in ("hits", "n", "chance", "constant", "near", "near_chance", "on", "mass")}
     for s in slices:
         if s.boxes is None or not len(s.boxes) or not boxes_mask(s.cam.shape, s.boxes).any():
             continue
@@ -90,6 +90,7 @@ def pointing_per_study(run: Path, data: Path, scorer: metric.Scorer, cnn_probs: 
         out["chance"][i] += r.chance
         out["constant"][i] += r.constant
         out["near"][i] += r.near
+        out["near_chance"][i] += r.near_chance
         if not r.constant:
             out["on"][i] += 1
             out["mass"][i] += r.mass
@@ -211,6 +212,7 @@ def evaluate(args: Any, variants: Sequence[bm.Variant], seeds: Sequence[int], ru
                 seed_stats["pointing_chance"] = _ratio(c["pointing"]["chance"], c["pointing"]["n"])
                 seed_stats["pointing_constant"] = _ratio(c["pointing"]["constant"], c["pointing"]["n"])
                 seed_stats["pointing_near"] = _ratio(c["pointing"]["near"], c["pointing"]["n"])
+                seed_stats["pointing_near_chance"] = _ratio(c["pointing"]["near_chance"], c["pointing"]["n"])
                 seed_stats["pointing_mass"] = _ratio(c["pointing"]["mass"], c["pointing"]["on"])
             for k, s in seed_stats.items():
                 stats[v.name].setdefault(k, []).append(s)
@@ -278,7 +280,8 @@ def format_table(r: Mapping[str, Any]) -> str:
                      + (f"pointing game {fmt_ci(m['pointing'], 3)} vs chance {fmt_num(m['pointing_chance']['estimate'], 3)}"
                         if "pointing" in m else "pointing game: no embolus boxes"))
         if "pointing_near" in m:
-            lines.append(f"{'':<{w + 6}}Grad-CAM peak within 15 px of a box {fmt_ci(m['pointing_near'], 3)}, constant maps "
+            lines.append(f"{'':<{w + 6}}Grad-CAM peak within 15 px of a box {fmt_ci(m['pointing_near'], 3)} vs chance "
+                         f"{fmt_num(m['pointing_near_chance']['estimate'], 3)}, constant maps "
                          f"{fmt_ci(m['pointing_constant'], 3)}, map mass inside the boxes {fmt_ci(m['pointing_mass'], 3)}")
     lines += ["", "paired differences (mean over seeds of the per-seed difference; same studies resampled):"]
     for name, v in r["variants"].items():
