@@ -3,6 +3,8 @@
 - :func:`pointing_game`: a map "hits" when its peak pixel lies inside a true embolus box. The chance
   rate is the share of the map covered by the boxes: a peak placed uniformly at random hits with
   exactly that probability, so accuracy above it means the maps carry localisation information.
+  It also plays Zhang et al. (2016)'s tolerant game (a peak within 15 px of a box hits; chance = the
+  share of the frame that close to a box), counts constant maps and measures the map mass in the boxes.
 - :func:`boxes_to_input_frame`: embolus boxes in original DICOM pixels -> the model input frame
   (cache resize, lung crop, resize to the input size), so maps and boxes are compared in one frame.
 - :func:`fill_boxes`: the occlusion check's input, each box painted over with the surrounding contrast.
