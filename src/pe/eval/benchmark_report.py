@@ -61,7 +61,7 @@ def pointing_per_study(run: Path, data: Path, scorer: metric.Scorer, cnn_probs: 
     """Grad-CAM pointing game of the fold models on up to ``max_slices`` boxed positive held-out
     slices (held-out study i explained by fold model i mod K: none of them trained on it), through
     :func:`pe.report.explain_maps.explain_slices` and :func:`pe.explain.cam.pointing_game`. Returns per-study
-    hits, counts, chance sums, constant (peakless) maps, peaks within 15 px of a box, non-constant maps and
+    hits, counts, chance sums, constant (peakless) maps, peaks within TOLERANCE_PX of a box, non-constant maps and
     their summed map mass inside the boxes (scorer order), or None without boxes."""
     from pe.explain.pointing import boxes_mask, pointing_game
     from pe.report.explain_maps import explain_slices
@@ -280,7 +280,8 @@ def format_table(r: Mapping[str, Any]) -> str:
                      + (f"pointing game {fmt_ci(m['pointing'], 3)} vs chance {fmt_num(m['pointing_chance']['estimate'], 3)}"
                         if "pointing" in m else "pointing game: no embolus boxes"))
         if "pointing_near" in m:
-            lines.append(f"{'':<{w + 6}}Grad-CAM peak within 15 px of a box {fmt_ci(m['pointing_near'], 3)} vs chance "
+            from pe.explain.pointing import TOLERANCE_PX  # lazy, as in pointing_per_study (torch)
+            lines.append(f"{'':<{w + 6}}Grad-CAM peak within {TOLERANCE_PX:g} px of a box {fmt_ci(m['pointing_near'], 3)} vs chance "
                          f"{fmt_num(m['pointing_near_chance']['estimate'], 3)}, constant maps "
                          f"{fmt_ci(m['pointing_constant'], 3)}, map mass inside the boxes {fmt_ci(m['pointing_mass'], 3)}")
     lines += ["", "paired differences (mean over seeds of the per-seed difference; same studies resampled):"]

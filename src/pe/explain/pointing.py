@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+TOLERANCE_PX = 15.0  # Zhang et al. (2016)'s pointing-game tolerance, in map pixels
+
 
 def map_peak(m: np.ndarray) -> tuple[int, int] | None:
     """(row, col) of the maximum of a 2-D map; None when the map is constant (it points nowhere)."""
@@ -62,11 +64,11 @@ class PointingResult:
     hits: int
     accuracy: float
     chance: float
-    constant: int = 0
-    near: int = 0
-    tolerance: float = 0.0
-    mass: float = float("nan")
-    near_chance: float = 0.0
+    constant: int
+    near: int
+    tolerance: float
+    mass: float
+    near_chance: float
 
     def summary(self, name: str = "maps") -> str:
         ratio = self.accuracy / self.chance if self.chance > 0 else float("nan")
@@ -79,7 +81,7 @@ class PointingResult:
 def pointing_game(
     maps: Sequence[np.ndarray] | np.ndarray,
     boxes: Sequence[np.ndarray | Sequence[Sequence[float]]],
-    tolerance: float = 15.0,
+    tolerance: float = TOLERANCE_PX,
 ) -> PointingResult:
     """Share of maps whose peak lies inside one of that map's boxes, and the chance rate.
 
