@@ -211,6 +211,9 @@ class CNNConfig:
     attention_every_mm: float = 0.0  # one annotated slice every ~N mm in those studies (0 = every slice)
     attention_negatives: bool = True  # negative slices train the map towards zero (known empty mask)
     attention_smooth: float = 1.0  # additive smoothing of the continuous Dice (feature-map cells)
+    # dotted module name whose output the attention's Grad-CAM reads (e.g. backbone.layer3: a finer map
+    # than the last one); default the model's gradcam_layer (the last feature map, as in the paper)
+    attention_layer: str | None = None
     # --- debug (tests) ---
     stop_after_steps: int = 0  # raise after N optimizer steps, as a crash would (resume tests)
     debug_sample_log: str | None = None  # folder: each rank appends the sample ids it trained on

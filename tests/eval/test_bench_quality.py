@@ -139,6 +139,8 @@ def test_variants_inherit_from_the_baseline_and_bad_files_are_named(tmp_path: Pa
     att = bm.load_variant("attention")
     assert pos.cnn_key() not in (base.cnn_key(), att.cnn_key()) and pos.seq == base.seq
     assert set(pos.cnn.overrides) == {*att.cnn.overrides, "attention_negatives=false"}
+    l3 = bm.load_variant("attention_l3")  # the attention variant on a finer map, nothing else changed
+    assert set(l3.cnn.overrides) == {*att.cnn.overrides, "attention_layer=backbone.layer3"} and l3.seq == base.seq
     probs = bm.load_variant("seq_oof_probs")  # stage 2 only: the baseline's CNN training is shared
     assert probs.cnn_key() == base.cnn_key() and [m.config for m in probs.seq] == [m.config for m in base.seq]
     assert all("train_probs=oof" in m.overrides for m in probs.seq)

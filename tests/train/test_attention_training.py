@@ -119,3 +119,32 @@ def test_compile_with_attention_is_refused(setup: dict[str, Path], tmp_path: Pat
     with pytest.raises(ValueError, match="compile"):
         train_fold(_cfg(setup, "c", ["attention_lambda=1", "compile=true",
                                      f"attention_source={setup['boxes']}"]), fold=0)
+
+
+def test_attention_layer_reads_an_earlier_finer_map(setup: dict[str, Path], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """attention_layer=backbone.layer3: the attention term sees layer3's map (twice as fine as the last
+    one for test_resnet), still trains; a name the CNN lacks fails before training, naming it."""
+    import pe.train.losses as losses
+
+    monkeypatch.setenv("PE_WORK_DIR", str(tmp_path / "work"))
+    seen: list[tuple[int, ...]] = []
+    real = losses.attention_loss
+
+    def spy(features: torch.Tensor, *a: object, **k: object) -> torch.Tensor:
+        seen.append(tuple(features.shape[-2:]))
+        return real(features, *a, **k)
+
+    monkeypatch.setattr(losses, "attention_loss", spy)
+    src = f"attention_source={setup['boxes']}"
+    widths = {}
+    for name, extra in (("last", []), ("l3", ["attention_layer=backbone.layer3"])):
+        seen.clear()
+        run = train_fold(_cfg(setup, name, ["epochs=1", "attention_lambda=1.0", src, *extra]), fold=0)
+        assert seen and len(set(seen)) == 1
+        widths[name] = seen[0]
+        att = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["train_attention_loss"]
+        assert 0 < att <= 1.0
+    assert widths["l3"] == (2 * widths["last"][0], 2 * widths["last"][1])
+    with pytest.raises(ValueError, match="attention_layer.*backbone.nope"):
+        train_fold(_cfg(setup, "bad", ["attention_lambda=1.0", src, "attention_layer=backbone.nope"]), fold=0)

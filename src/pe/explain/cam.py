@@ -3,6 +3,7 @@
 - :func:`grad_cam`: Grad-CAM as in papers/shi2020_attention_guided_resnet_convlstm.txt, eqs. 1–2:
   the weight of feature map k is the spatial mean of the gradient of the PE logit with respect to
   it (eq. 1); the map is ReLU(Σ_k α_k f^k) (eq. 2), upsampled bilinearly to the input size.
+- :func:`cam_module`: the layer whose output Grad-CAM reads, by dotted name or the model's ``gradcam_layer``.
 Integrated Gradients: :mod:`pe.explain.ig`; the pointing game and box mapping: :mod:`pe.explain.pointing`.
 
 Maps are float32 numpy arrays (B, H, W) scaled to [0, 1] per map (a map that is 0 everywhere stays 0).
@@ -76,6 +77,17 @@ def grad_cam(
     return normalise_maps(cam) if normalise else cam.detach().float().cpu().numpy()
 
 
-# --- pointing game -----------------------------------------------------------------------------
-
-
+def cam_module(model: nn.Module, name: str | None, where: object) -> nn.Module:
+    """The module whose output Grad-CAM uses: ``name`` (a dotted module name, e.g.
+    ``backbone.layer3`` for an earlier, finer feature map) or else ``model.gradcam_layer`` (the last
+    feature map). ``where`` (a checkpoint or config) names the source in the error."""
+    if name:
+        try:
+            return model.get_submodule(name)
+        except AttributeError as e:
+            names = [n for n, _ in model.named_modules() if n and n.count(".") <= 2][:40]
+            raise ValueError(f"{where}: no module {name!r} in the CNN; e.g. {names}") from e
+    layer = getattr(model, "gradcam_layer", None)
+    if layer is None:
+        raise AttributeError(f"{where}: the CNN has no gradcam_layer attribute")
+    return layer

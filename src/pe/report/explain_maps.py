@@ -20,7 +20,7 @@ from pe.anatomy.roi import roi_mode
 from pe.anatomy.roi_crop import roi_lookup, study_inputs
 from pe.config import resolve_paths
 from pe.data.cache import load_boxes, load_index, load_study_images
-from pe.explain.cam import grad_cam, logit_of
+from pe.explain.cam import cam_module, grad_cam, logit_of
 from pe.explain.ig import integrated_gradients
 from pe.explain.pointing import boxes_to_input_frame, fill_boxes, pointing_game
 from pe.models.load import load_cnn
@@ -59,7 +59,7 @@ def explain_slices(cnn_exp: str, targets: pd.DataFrame, fold_of: pd.Series,
         except Exception as e:  # name the file: torch's messages do not
             raise RuntimeError(f"{ckpt}: cannot load the CNN checkpoint: {type(e).__name__}: {e}") from e
         model.eval()
-        layer = _cam_module(model, ckpt, cam_layer)
+        layer = cam_module(model, cam_layer, ckpt)
         cache_dir = resolve_paths(cfg)[0]
         cindex = load_index(cache_dir)
         crop_boxes = {}
@@ -106,21 +106,8 @@ def explain_slices(cnn_exp: str, targets: pd.DataFrame, fold_of: pd.Series,
                                           logit_drop=drops[j]))
     return out
 
+
 log = logging.getLogger(__name__)
-
-
-def _cam_module(model: torch.nn.Module, ckpt: Path, cam_layer: str | None) -> torch.nn.Module:
-    """The module whose output Grad-CAM uses: ``cam_layer`` by dotted name, else ``gradcam_layer``."""
-    if cam_layer:
-        try:
-            return model.get_submodule(cam_layer)
-        except AttributeError as e:
-            names = [n for n, _ in model.named_modules() if n.count(".") <= 2][:40]
-            raise ValueError(f"{ckpt}: no module {cam_layer!r} in the CNN; e.g. {names}") from e
-    layer = getattr(model, "gradcam_layer", None)
-    if layer is None:
-        raise AttributeError(f"{ckpt}: the CNN has no gradcam_layer attribute")
-    return layer
 
 
 def pointing_results(slices: Sequence[ExplainedSlice]) -> dict[str, Any]:

@@ -5,7 +5,8 @@ section 2.1): L_total = L_CE + λ · L_CDC(A, M).
   (``torch.autograd.grad(..., create_graph=True)``), so the attention loss trains the network:
   α_k = mean_ij ∂g/∂f^k_ij (eq. 1), A = ReLU(Σ_k α_k f^k) (eq. 2), divided by its maximum when that is
   non-zero (a negative slice's map is usually all zero and is left as is), at the resolution of the
-  last feature map (the output of ``SliceCNN.gradcam_layer``).
+  last feature map (the output of ``SliceCNN.gradcam_layer``), or of an earlier block named by the
+  config's ``attention_layer`` (e.g. ``backbone.layer3``: twice as fine, less semantic).
 - M, the target, is the embolus mask of the centre slice in the model's input frame, downsampled
   bilinearly to the map size and binarised (> 0): slightly larger than the lesion, as in the paper; a
   negative slice's mask is all zero.

@@ -50,6 +50,7 @@ from pe.data.slices import (
 )
 from pe.distributed import DistEnv, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from pe.eval.metric import auc
+from pe.explain.cam import cam_module
 from pe.io import write_parquet_atomic
 from pe.models.dual_hop import build_training_model
 from pe.rspect import IMAGE_LABEL, SOP, STUDY
@@ -90,6 +91,7 @@ class Trainer:
         self.device = env.device
         self.cuda = self.device.type == "cuda"
         self.attention = False  # set by _build: cfg.attention_lambda > 0
+        self._att_layer: nn.Module | None = None  # the module whose output the attention's Grad-CAM reads
         self._extra: dict[str, float] = {}  # extra per-epoch training figures (train_attention_loss)
 
     # ----- data -----
@@ -264,6 +266,8 @@ class Trainer:
         self.scaler = make_scaler(self.use_amp, self.amp_dtype)
         self.loss_fn = self.loss_fn or build_cnn_loss(cfg, model.logit_offset)
         self.attention = cfg.attention_lambda > 0
+        if self.attention:  # a wrong attention_layer fails here, before any training
+            self._att_layer = cam_module(model, cfg.attention_layer, f"CNN config {cfg.name!r}, attention_layer")
         self.step, self.best_val_loss = 0, float("inf")
 
     def _resume(self) -> tuple[int, int]:
@@ -342,7 +346,7 @@ class Trainer:
         (``features``, still in the graph: the loss differentiates the CAM through it)."""
         if not self.attention:
             return model(x)
-        with capture_features(self.raw_model.gradcam_layer) as feats:
+        with capture_features(self._att_layer) as feats:
             out = model(x)
         return {**out, "features": feats.value}
 

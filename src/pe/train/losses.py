@@ -66,7 +66,7 @@ class SliceLoss:
 
 class AttentionSliceLoss:
     """``base(batch, out) + λ · L_CDC`` (GAIN_ext, papers/shi2020 section 2.1): ``out`` also holds
-    ``features``, the captured ``gradcam_layer`` output of the same forward pass, and ``batch`` holds
+    ``features``, the captured ``gradcam_layer`` (or ``attention_layer``) output of the same forward pass, and ``batch`` holds
     ``mask`` (B, H, W) and ``annotated`` (B,) from the dataset. ``last`` keeps the two terms of the
     latest call (floats) for the training log."""
 
