@@ -212,7 +212,9 @@ class CNNConfig:
     attention_negatives: bool = True  # negative slices train the map towards zero (known empty mask)
     attention_smooth: float = 1.0  # additive smoothing of the continuous Dice (feature-map cells)
     # dotted module name whose output the attention's Grad-CAM reads (e.g. backbone.layer3: a finer map
-    # than the last one); default the model's gradcam_layer (the last feature map, as in the paper)
+    # than the last one); default the model's gradcam_layer (the last feature map, as in the paper). With an
+    # earlier block, the batch norms after it couple the samples in training mode (batch statistics), so
+    # the in-graph CAM is each sample's own only up to O(1/batch) terms; the last map has none after it.
     attention_layer: str | None = None
     # --- debug (tests) ---
     stop_after_steps: int = 0  # raise after N optimizer steps, as a crash would (resume tests)

@@ -83,6 +83,12 @@ def test_demo_model_learns_on_held_out_fold(fake: dict[str, Path], tmp_path: Pat
         chans = n_channels(cfg2.neighbors)
         _, emb = run_batches(model, cfg2, 3, lambda rows, dev: torch.rand(len(rows), chans, 64, 64, device=dev))
         assert conv_dtypes == ({torch.bfloat16} if cpu_amp else {torch.float32}) and emb.dtype == np.float32
+        # the raw (optimiser's) weights load beside the EMA ones, and they differ (demo.yaml has ema: true)
+        raw, _ = load_cnn(run / "best.pt", weights="train_model")
+        assert cfg2.ema and not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                                       raw.state_dict().values(), strict=True))
+        with pytest.raises(ValueError, match="weights"):
+            load_cnn(run / "best.pt", weights="ema")
     finally:
         seen.remove()
     assert run == paths.run_dir("learn", 0)

@@ -16,15 +16,19 @@ from pe.models.slice_cnn import build_model, config_from_checkpoint
 from pe.train.core import load_checkpoint
 
 
-def load_cnn(checkpoint: Path, device: str = "cpu") -> tuple[nn.Module, CNNConfig]:
-    """Model (eval mode, on ``device``) and config from a checkpoint; ``"model"`` holds the weights
-    to predict with (the EMA weights when EMA was on)."""
+def load_cnn(checkpoint: Path, device: str = "cpu", weights: str = "model") -> tuple[nn.Module, CNNConfig]:
+    """Model (eval mode, on ``device``) and config from a checkpoint. ``weights``: ``"model"``, the
+    weights to predict with (the EMA weights when EMA was on), or ``"train_model"``, the raw weights
+    the optimiser trained (stored beside them when EMA was on; for diagnostics such as
+    bench/compare_cams.py)."""
     p = Path(checkpoint)
-    ckpt = load_checkpoint(p, ("model", "config"), "CNN checkpoint")
+    if weights not in ("model", "train_model"):
+        raise ValueError(f"weights must be 'model' or 'train_model', got {weights!r}")
+    ckpt = load_checkpoint(p, (weights, "config"), "CNN checkpoint")
     cfg = config_from_checkpoint(ckpt, str(p))
     # a dual-hop experiment is one model to export and the kernel: both hops inside
     model = build_dual_hop(cfg, None, init_hop2_from_hop1=False) if cfg.hop1_exp else build_model(cfg)
-    model.load_state_dict({re.sub(r"^module\.", "", k): v for k, v in ckpt["model"].items()})
+    model.load_state_dict({re.sub(r"^module\.", "", k): v for k, v in ckpt[weights].items()})
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -37,12 +37,14 @@ from pe.rspect import SOP, STUDY  # noqa: E402
 def explain_slices(cnn_exp: str, targets: pd.DataFrame, fold_of: pd.Series,
                    boxes: pd.DataFrame | None, shapes: pd.DataFrame | None, ig: bool = False,
                    ig_steps: int = 32, device: str = "cpu", batch_size: int = 16,
-                   cam_layer: str | None = None) -> list[ExplainedSlice]:
+                   cam_layer: str | None = None, weights: str = "model") -> list[ExplainedSlice]:
     """Grad-CAM (and optionally integrated gradients) for ``targets`` (columns SOPInstanceUID,
     StudyInstanceUID, prob). Each study is explained by the model of its own validation fold
     (``work/models/<cnn_exp>/fold<k>/best.pt``), so no map comes from a model that saw the study.
     ``cam_layer``: dotted name of the module whose output Grad-CAM uses (default the model's
-    ``gradcam_layer``, the last feature map; an earlier block gives finer but less semantic maps)."""
+    ``gradcam_layer``, the last feature map; an earlier block gives finer but less semantic maps).
+    ``weights``: the checkpoint's weights to explain (``"model"``, or ``"train_model"``: see
+    :func:`pe.models.load.load_cnn`)."""
     dev = torch.device(device)
     out: list[ExplainedSlice] = []
     targets = targets.assign(fold=targets[STUDY].map(fold_of)).dropna(subset=["fold"])
@@ -55,7 +57,7 @@ def explain_slices(cnn_exp: str, targets: pd.DataFrame, fold_of: pd.Series,
             log.warning("%s not found: fold %d slices not explained", ckpt, fold)
             continue
         try:
-            model, cfg = load_cnn(ckpt, dev)
+            model, cfg = load_cnn(ckpt, dev, weights)
         except Exception as e:  # name the file: torch's messages do not
             raise RuntimeError(f"{ckpt}: cannot load the CNN checkpoint: {type(e).__name__}: {e}") from e
         model.eval()
