@@ -234,6 +234,13 @@ def test_benchmark_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     table = (out / "table.txt").read_text()
     assert "metric" in table
     assert "constant maps" in table and "px of a box" in table
+    # the study-level calls' columns line up under their header, however long a row's label (the voting rule's)
+    calls = table.split("study-level calls", 1)[1].splitlines()[1:]
+    col = calls[0].index("sens")
+    rows = [ln for ln in calls[1:] if ln.strip() and not ln.startswith("seed spread")]
+    assert any(ln.lstrip().startswith("voting (") for ln in rows)
+    for ln in rows[:next((i for i, x in enumerate(rows) if not x.startswith("  ")), len(rows))]:
+        assert ln[col - 2:col] == "  " and (ln[col].isdigit() or ln[col:col + 3] == "n/a"), ln
     # bench/compare_runs.py recomputes the same figures from the run folders, and its contrasts pair
     cmp = compare(tmp_path / "phantom" / "phantom_test_labels.csv",
                   [parse_side(f"base={out}:baseline"), parse_side(f"gru={out}:gru_only")], ["gru-base"], [1], n_boot=50)
@@ -261,6 +268,26 @@ def test_benchmark_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPat
                                                 lines[0]).groups())
     constant = int(re.search(r"(\d+) constant maps", lines[1]).group(1))
     assert n > 0 and same == both == n - constant and lines[1].split(": ", 1)[1] == lines[2].split(": ", 1)[1]
+    # --weights: the same run's EMA weights against the optimiser's raw ones, each line naming its weights
+    assert cams.main(["--data", str(tmp_path / "phantom"), "--run", str(run), "--run", str(run), "--n", "6",
+                      "--weights", "model", "--weights", "train_model"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "(model): pointing game" in lines[1] and "(train_model): pointing game" in lines[2]
+
+
+def test_call_rows_keep_their_columns_with_long_labels() -> None:
+    """Three seeds' voting rules make a label longer than the default label column: it widens, so no number
+    runs into its label (a 2-seed run printed 'voting (mu 1 delta 0.10, mu 1 delta 0.11)0.850')."""
+    from pe.eval.benchmark_report import _call_lines
+
+    cell = {"estimate": 0.5, "low": 0.25, "high": 0.75}
+    mean = {f"{p}:{k}": cell for p in ("call", "maxagg_call", "vote_call") for k in bm.CALL_KEYS}
+    seeds = {str(i): {"voting_rule": {"mu": 1, "delta": 0.1 * (i + 1)}} for i in range(3)}
+    r = {"variants": {"baseline": {"mean": mean, "seeds": seeds}}}
+    lines = _call_lines(r, {("cnn",): ["baseline"]}, 8)
+    col = lines[2].index("sens")
+    assert len(lines) == 6 and lines[5].lstrip().startswith("voting (mu 1 delta 0.10, mu 1 delta 0.20, mu 1")
+    assert all(ln[col - 2:col] == "  " and ln[col:col + 5] == "0.500" for ln in lines[3:]), lines
 
 
 def test_stage_markers_match_configs_by_bytes_not_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

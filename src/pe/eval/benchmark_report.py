@@ -301,25 +301,24 @@ def _call_lines(r: Mapping[str, Any], by_cnn: Mapping[tuple[str, ...], list[str]
     """Study-level yes/no calls on the determinate held-out studies (mean over seeds): each stage 2 at
     P(PE) > 0.5, and per CNN its max-aggregation (> 0.5) and the voting head (mu, delta fitted on the
     training studies' out-of-fold slices)."""
-    def row(label: str, m: Mapping[str, Any], prefix: str) -> str | None:
-        if f"{prefix}:f1" not in m:
-            return None
-        cells = "".join(f"{fmt_num(m[f'{prefix}:{k}']['estimate'], 3):<8}" for k in bm.CALL_KEYS[:-1])
-        return f"  {label:<{w + 18}}{cells}{fmt_ci(m[f'{prefix}:f1'], 3)}"
-
-    w = max(w, 14)
-    out = ["", "study-level calls (determinate held-out studies; mean over seeds):",
-           f"  {'':<{w + 18}}{'sens':<8}{'spec':<8}{'PPV':<8}{'NPV':<8}F1 [95 % interval]"]
+    rows: list[tuple[str, Mapping[str, Any], str]] = []
     for name, v in r["variants"].items():
-        out.append(row(f"{name} (stage 2, P > 0.5)", v["mean"], "call"))
+        rows.append((f"{name} (stage 2, P > 0.5)", v["mean"], "call"))
     for names in by_cnn.values():
         v = r["variants"][names[0]]
-        out.append(row(f"max-agg > 0.5 (CNN of {names[0]})", v["mean"], "maxagg_call"))
+        rows.append((f"max-agg > 0.5 (CNN of {names[0]})", v["mean"], "maxagg_call"))
         rules = [d.get("voting_rule") for d in v["seeds"].values()]
         if rules and all(rules):
             desc = ", ".join(f"mu {x['mu']} delta {x['delta']:.2f}" for x in rules)
-            out.append(row(f"voting ({desc})", v["mean"], "vote_call"))
-    return [ln for ln in out if ln is not None]
+            rows.append((f"voting ({desc})", v["mean"], "vote_call"))
+    rows = [x for x in rows if f"{x[2]}:f1" in x[1]]
+    w = max([max(w, 14) + 18, *(len(label) + 2 for label, _, _ in rows)])  # every label leaves a gap
+    out = ["", "study-level calls (determinate held-out studies; mean over seeds):",
+           f"  {'':<{w}}{'sens':<8}{'spec':<8}{'PPV':<8}{'NPV':<8}F1 [95 % interval]"]
+    for label, m, prefix in rows:
+        cells = "".join(f"{fmt_num(m[f'{prefix}:{k}']['estimate'], 3):<8}" for k in bm.CALL_KEYS[:-1])
+        out.append(f"  {label:<{w}}{cells}{fmt_ci(m[f'{prefix}:f1'], 3)}")
+    return out
 
 
 def _exam_auc_lines(r: Mapping[str, Any], w: int) -> list[str]:
