@@ -24,6 +24,7 @@ import pandas as pd  # noqa: E402
 
 from pe.eval.benchmark_report import heldout_boxes, pipeline_env  # noqa: E402
 from pe.explain.pointing import map_peak, pointing_game  # noqa: E402
+from pe.models.load import CNN_WEIGHTS  # noqa: E402
 from pe.report.explain_maps import explain_slices  # noqa: E402
 from pe.rspect import SOP, STUDY  # noqa: E402
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, required=True, help="benchmark data folder (phantom_test_labels.csv, boxes)")
     ap.add_argument("--run", type=Path, action="append", required=True, help="a run folder (give two)")
     ap.add_argument("--exp", default="cnn")
-    ap.add_argument("--weights", action="append", choices=("model", "train_model"),
+    ap.add_argument("--weights", action="append", choices=CNN_WEIGHTS,
                     help="per --run, in order: the checkpoint's weights (default model: the EMA weights when EMA was on)")
     ap.add_argument("--n", type=int, default=40, help="boxed positive held-out slices, drawn at random")
     ap.add_argument("--seed", type=int, default=0)

@@ -15,6 +15,9 @@ from pe.models.dual_hop import build_dual_hop
 from pe.models.slice_cnn import build_model, config_from_checkpoint
 from pe.train.core import load_checkpoint
 
+# the weights a stage-04 checkpoint holds: what to predict with (EMA when on), and the optimiser's raw ones
+CNN_WEIGHTS: tuple[str, ...] = ("model", "train_model")
+
 
 def load_cnn(checkpoint: Path, device: str = "cpu", weights: str = "model") -> tuple[nn.Module, CNNConfig]:
     """Model (eval mode, on ``device``) and config from a checkpoint. ``weights``: ``"model"``, the
@@ -22,8 +25,8 @@ def load_cnn(checkpoint: Path, device: str = "cpu", weights: str = "model") -> t
     the optimiser trained (stored beside them when EMA was on; for diagnostics such as
     bench/compare_cams.py)."""
     p = Path(checkpoint)
-    if weights not in ("model", "train_model"):
-        raise ValueError(f"weights must be 'model' or 'train_model', got {weights!r}")
+    if weights not in CNN_WEIGHTS:
+        raise ValueError(f"weights must be one of {CNN_WEIGHTS}, got {weights!r}")
     ckpt = load_checkpoint(p, (weights, "config"), "CNN checkpoint")
     cfg = config_from_checkpoint(ckpt, str(p))
     # a dual-hop experiment is one model to export and the kernel: both hops inside
