@@ -32,7 +32,8 @@ the CNN's out-of-fold slice AUC drops to ~0.85, as on real data, where the study
 to improve. K = 2 (each fold trains on 90 studies, ~2,300 samples per epoch, 6 epochs ~430 steps)
 halves the CNN cost of K = 3 to fit the default run (baseline + a stage-2 variant, 2 seeds: 4 CNN
 folds) in the issue's 45 minutes on this 2-core machine; the README has the measured stage times.
-A variant that changes the CNN adds about half of the run again.
+A variant that changes the CNN adds about half of the run again. A CNN a variant builds on (``cnn.before``,
+e.g. dual_hop's hop 1) with the recipe and seed of a CNN this run has trained already is copied, not retrained.
 Output in ``--out`` (default reports/bench-quality/<date-time>/): results.json, the printed table
 (table.txt), index.html + labels.png, predictions/<variant>_seed<s>.csv (id,label), logs/, runs/.
 """
@@ -83,6 +84,28 @@ class Stage:
     env: dict[str, str] | None
     kind: str
     done: Path | None = None  # marker: the stage is skipped when it exists (reused data stages)
+    # (source run folder, its fold folder, this run folder, fold folder): copied instead of running cmd
+    copy: tuple[Path, Path, Path, Path] | None = None
+    after: str | None = None  # another run folder whose output this stage reads: reruns when that one did
+
+
+def _copy_fold(src_run: Path, src: Path, run: Path, dst: Path, log: TextIO) -> int:
+    """Copy a fold's model folder ``src`` of run folder ``src_run`` to ``dst`` of ``run``, after checking
+    that both run folders split the studies into the same folds (a copied model must not have seen the
+    validation studies of the fold it stands for)."""
+    import shutil
+
+    folds = [r / "work" / "folds.csv" for r in (src_run, run)]
+    if not all(f.is_file() for f in folds) or folds[0].read_bytes() != folds[1].read_bytes():
+        print(f"{folds[0]} and {folds[1]}: missing or not the same folds; not copying {src}", file=log)
+        return 1
+    if not (src / "best.pt").is_file():
+        print(f"{src / 'best.pt'}: not found", file=log)
+        return 1
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    print(f"copied {src} to {dst}", file=log)
+    return 0
 
 
 def _call_script(st: Stage, log: TextIO) -> int:
@@ -160,7 +183,8 @@ class Runner:
         done = st.done or self.log_dir / f"{safe}.done"
         key = {"cmd": st.cmd, "configs": config_fingerprints(st.cmd), "data": self.data_key}
         run = st.name.split("/")[0] if "/" in st.name else None
-        if done.exists() and run not in self.rerun and (st.done is not None or _same_key(done, key)):
+        if (done.exists() and run not in self.rerun and st.after not in self.rerun
+                and (st.done is not None or _same_key(done, key))):
             self.seconds[st.name] = 0.0
             self.advance(COST[st.kind])
             return
@@ -169,7 +193,9 @@ class Runner:
         log = self.log_dir / (safe + ".log")
         t0 = time.perf_counter()
         with open(log, "w") as f:
-            if self.in_process:
+            if st.copy is not None:
+                rc = _copy_fold(*st.copy, f)
+            elif self.in_process:
                 rc = _call_script(st, f)
             else:
                 rc = subprocess.run(st.cmd, cwd=REPO, env=st.env, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -277,8 +303,19 @@ def prep_stages(data: Path, prep: Path, cache_sizes: Sequence[int]) -> list[Stag
     return out
 
 
+def cnn_recipe(spec: bm.StageSpec, args: argparse.Namespace, seed: int) -> str:
+    """What a stage-04 training of ``spec`` at run seed ``seed`` depends on besides its experiment name:
+    the config's bytes, the overrides and the seed (its run folder's folds are made the same way in
+    every run folder of a seed, and checked when a model is copied)."""
+    text = (REPO / spec.config).read_text()
+    return bm.fingerprint_text("\n".join([text, *spec.overrides, *args.cnn_override, f"seed={bm.config_seed(spec) + seed}"]))
+
+
 def cnn_stages(v: bm.Variant, args: argparse.Namespace, seed: int, run: Path, env: dict[str, str],
-               maps: bool = False, fit_export: bool = False) -> list[Stage]:
+               maps: bool = False, fit_export: bool = False, trained: dict[str, Path] | None = None) -> list[Stage]:
+    """Stages 03-05 of one run folder. ``trained``: CNN recipe -> the run folder whose main CNN ("cnn")
+    was trained with it; a stage-04 run the variant builds on (hop 1 of a dual-hop model) with the same
+    recipe is copied from there instead of trained again (the same recipe and seed train the same model)."""
     cnn_over = [*v.cnn.overrides, *args.cnn_override, "name=cnn", f"seed={bm.config_seed(v.cnn) + seed}",
                 "progress=false"]
     st = [Stage(f"{run.name}/03_make_folds", [PY, "src/03_make_folds.py", "--meta", str(run / "work/meta/train.parquet"),
@@ -290,6 +327,12 @@ def cnn_stages(v: bm.Variant, args: argparse.Namespace, seed: int, run: Path, en
         if b.script == "13":
             st.append(Stage(f"{run.name}/13_pretrain_landmarks:{b.name}",
                             [PY, bm.PRE_SCRIPTS["13"], "--config", b.spec.config, *over], env, "13"))
+        elif trained and cnn_recipe(b.spec, args, seed) in trained:
+            src = trained[cnn_recipe(b.spec, args, seed)]
+            for k in range(args.folds):
+                fold_src, fold_dst = src / "work/models/cnn" / f"fold{k}", run / "work/models" / b.name / f"fold{k}"
+                st.append(Stage(f"{run.name}/04_reuse_cnn:{b.name}:fold{k}", ["copy", str(fold_src), str(fold_dst)],
+                                env, "03", copy=(src, fold_src, run, fold_dst), after=src.name))
         else:
             st += [Stage(f"{run.name}/04_train_cnn:{b.name}:fold{k}",
                          [PY, bm.PRE_SCRIPTS["04"], "--config", b.spec.config, "--fold", str(k), *over], env, "04")
@@ -368,14 +411,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for st in prep_stages(data, prep, cache_sizes):
         runner.run(st)
     runs: dict[tuple[str, int], Path] = {}
+    trained: dict[str, Path] = {}  # CNN recipe -> the run folder that trained it as its main CNN
     for key, group in cnn_groups.items():
         for seed in seeds:
             run = out / "runs" / f"cnn-{key}-s{seed}"
             link_run(run, prep)
             env = bm.env_for(run / "work", run / "oof", data, run / "reports")
             for st in cnn_stages(group[0], args, seed, run, env, bm.needs_maps(group, args.seq_override),
-                                 bm.needs_fit_export(group, args.seq_override)):
+                                 bm.needs_fit_export(group, args.seq_override), trained):
                 runner.run(st)
+            trained.setdefault(cnn_recipe(group[0].cnn, args, seed), run)
             for v in group:
                 runs[(v.name, seed)] = run
                 for st in seq_stages(v, args, seed, run, env, data, out / "predictions" / f"{v.name}_seed{seed}.csv"):

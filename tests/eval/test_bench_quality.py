@@ -350,6 +350,49 @@ def test_benchmark_variants_that_build_on_other_runs_tiny(tmp_path: Path, monkey
         cfg = yaml.safe_load((models / "cnn" / "fold0" / "config.yaml").read_text())
         assert cfg["hop1_exp" if name == "dual_hop" else "init_from"] == made[0].split("/")[0]
         assert name in r["paired"] and math.isfinite(seed0["figures"]["score"]["estimate"])
+    # hop 1 has the baseline CNN's recipe and seed: copied from the baseline's run folder, not trained again
+    base = out / "runs" / r["variants"]["baseline"]["seeds"]["0"]["run"] / "work" / "models" / "cnn"
+    hop1 = out / "runs" / r["variants"]["dual_hop"]["seeds"]["0"]["run"] / "work" / "models" / "hop1"
+    for k in range(2):
+        assert (hop1 / f"fold{k}" / "best.pt").read_bytes() == (base / f"fold{k}" / "best.pt").read_bytes()
+    assert not any(":hop1:" in name and "04_train_cnn" in name for name in r["stage_seconds"])
+    assert sum(":hop1:" in name and "04_reuse_cnn" in name for name in r["stage_seconds"]) == 2
+
+
+def test_a_copied_model_needs_the_same_folds_and_is_copied_again_when_its_source_reran(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy stage (hop 1 reused from another run folder) refuses folds that differ from its source's,
+    and runs again, with what follows it, when its source run folder's stages ran again."""
+    mod = _bench_module(monkeypatch)
+    src, dst = tmp_path / "runA", tmp_path / "runB"
+    for r in (src, dst):
+        (r / "work").mkdir(parents=True)
+        (r / "work" / "folds.csv").write_text("StudyInstanceUID,fold\n1.2,0\n")
+    (src / "work/models/cnn/fold0").mkdir(parents=True)
+    (src / "work/models/cnn/fold0/best.pt").write_bytes(b"weights-1")
+    fold_src, fold_dst = src / "work/models/cnn/fold0", dst / "work/models/hop1/fold0"
+    copy = mod.Stage("runB/04_reuse_cnn:hop1:fold0", ["copy", str(fold_src), str(fold_dst)], None, "03",
+                     copy=(src, fold_src, dst, fold_dst), after="runA")
+    train = mod.Stage("runA/04", [sys.executable, "-c", "pass"], None, "04")
+
+    copy_log = tmp_path / "logs" / "runB_04_reuse_cnn_hop1_fold0.log"  # written only when the stage runs
+
+    def copied(*stages) -> bool:
+        copy_log.unlink(missing_ok=True)
+        runner = mod.Runner(tmp_path / "logs", total=10.0, quiet=True)
+        for st in stages:
+            runner.run(st)
+        return copy_log.is_file() and "copied" in copy_log.read_text()
+
+    assert copied(train, copy) and (fold_dst / "best.pt").read_bytes() == b"weights-1"
+    assert not copied(train, copy)  # resumed: nothing changed
+    (src / "work/models/cnn/fold0/best.pt").write_bytes(b"weights-2")
+    (tmp_path / "logs" / "runA_04.done").unlink()  # the source's stage runs again ...
+    assert copied(train, copy) and (fold_dst / "best.pt").read_bytes() == b"weights-2"  # ... and so the copy
+    (dst / "work" / "folds.csv").write_text("StudyInstanceUID,fold\n1.2,1\n")
+    (tmp_path / "logs" / "runB_04_reuse_cnn_hop1_fold0.done").unlink()
+    with pytest.raises(RuntimeError, match="not the same folds"):
+        copied(copy)
 
 
 def test_resume_reruns_a_stage_whose_config_changed_and_everything_after_it(tmp_path: Path,
