@@ -420,7 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for st in cnn_stages(group[0], args, seed, run, env, bm.needs_maps(group, args.seq_override),
                                  bm.needs_fit_export(group, args.seq_override), trained):
                 runner.run(st)
-            trained.setdefault(cnn_recipe(group[0].cnn, args, seed), run)
+            if not group[0].before:  # a CNN built on other runs is not its recipe's plain model
+                trained.setdefault(cnn_recipe(group[0].cnn, args, seed), run)
             for v in group:
                 runs[(v.name, seed)] = run
                 for st in seq_stages(v, args, seed, run, env, data, out / "predictions" / f"{v.name}_seed{seed}.csv"):
