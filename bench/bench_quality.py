@@ -47,6 +47,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -93,8 +94,6 @@ def _copy_fold(src_run: Path, src: Path, run: Path, dst: Path, log: TextIO) -> i
     """Copy a fold's model folder ``src`` of run folder ``src_run`` to ``dst`` of ``run``, after checking
     that both run folders split the studies into the same folds (a copied model must not have seen the
     validation studies of the fold it stands for)."""
-    import shutil
-
     folds = [r / "work" / "folds.csv" for r in (src_run, run)]
     if not all(f.is_file() for f in folds) or folds[0].read_bytes() != folds[1].read_bytes():
         print(f"{folds[0]} and {folds[1]}: missing or not the same folds; not copying {src}", file=log)
@@ -303,12 +302,17 @@ def prep_stages(data: Path, prep: Path, cache_sizes: Sequence[int]) -> list[Stag
     return out
 
 
+def cnn_overrides(spec: bm.StageSpec, args: argparse.Namespace, seed: int, name: str) -> list[str]:
+    """The ``key=value`` arguments of a stage-04 training of ``spec`` named ``name`` at run seed ``seed``."""
+    return [*spec.overrides, *args.cnn_override, f"name={name}", f"seed={bm.config_seed(spec) + seed}", "progress=false"]
+
+
 def cnn_recipe(spec: bm.StageSpec, args: argparse.Namespace, seed: int) -> str:
     """What a stage-04 training of ``spec`` at run seed ``seed`` depends on besides its experiment name:
-    the config's bytes, the overrides and the seed (its run folder's folds are made the same way in
+    the config's bytes and its arguments but the name (its run folder's folds are made the same way in
     every run folder of a seed, and checked when a model is copied)."""
-    text = (REPO / spec.config).read_text()
-    return bm.fingerprint_text("\n".join([text, *spec.overrides, *args.cnn_override, f"seed={bm.config_seed(spec) + seed}"]))
+    over = [o for o in cnn_overrides(spec, args, seed, "") if not o.startswith("name=")]
+    return bm.fingerprint_text("\n".join([(REPO / spec.config).read_text(), *over]))
 
 
 def cnn_stages(v: bm.Variant, args: argparse.Namespace, seed: int, run: Path, env: dict[str, str],
@@ -316,19 +320,17 @@ def cnn_stages(v: bm.Variant, args: argparse.Namespace, seed: int, run: Path, en
     """Stages 03-05 of one run folder. ``trained``: CNN recipe -> the run folder whose main CNN ("cnn")
     was trained with it; a stage-04 run the variant builds on (hop 1 of a dual-hop model) with the same
     recipe is copied from there instead of trained again (the same recipe and seed train the same model)."""
-    cnn_over = [*v.cnn.overrides, *args.cnn_override, "name=cnn", f"seed={bm.config_seed(v.cnn) + seed}",
-                "progress=false"]
+    cnn_over = cnn_overrides(v.cnn, args, seed, "cnn")
     st = [Stage(f"{run.name}/03_make_folds", [PY, "src/03_make_folds.py", "--meta", str(run / "work/meta/train.parquet"),
                                               "--out", str(run / "work/folds.csv"), "--n-folds", str(args.folds),
                                               "--seed", str(42 + seed)], env, "03")]
     for b in v.before:  # runs the CNN builds on (hop 1 of a dual-hop model, landmark pretraining)
-        over = [*b.spec.overrides, *args.cnn_override, f"name={b.name}", f"seed={bm.config_seed(b.spec) + seed}",
-                "progress=false"]
+        over = cnn_overrides(b.spec, args, seed, b.name)
+        src = trained.get(cnn_recipe(b.spec, args, seed)) if trained and b.script == "04" else None
         if b.script == "13":
             st.append(Stage(f"{run.name}/13_pretrain_landmarks:{b.name}",
                             [PY, bm.PRE_SCRIPTS["13"], "--config", b.spec.config, *over], env, "13"))
-        elif trained and cnn_recipe(b.spec, args, seed) in trained:
-            src = trained[cnn_recipe(b.spec, args, seed)]
+        elif src is not None:
             for k in range(args.folds):
                 fold_src, fold_dst = src / "work/models/cnn" / f"fold{k}", run / "work/models" / b.name / f"fold{k}"
                 st.append(Stage(f"{run.name}/04_reuse_cnn:{b.name}:fold{k}", ["copy", str(fold_src), str(fold_dst)],
