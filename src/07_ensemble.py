@@ -1,7 +1,7 @@
 """Blend sequence-model experiments on their out-of-fold predictions and print the demo's stage table.
 
     python src/07_ensemble.py --members seq_demo_gru seq_demo_lstm --out ens_demo [--truth TRAIN.csv]
-                              [--cnn-exp demo] [--exam-pe-head sequence|voting]
+                              [--cnn-exp demo] [--exam-pe-head sequence|voting|voting_log_loss]
 
 Reads   oof/<exp>/fold<k>.csv (OOF id,label; every id once per member, same ids for all members),
         oof/<exp>/test_fold<k>.csv (test id,label; averaged over folds per member),
@@ -15,6 +15,8 @@ Method: pe/eval/ensemble.py (group-wise simplex weights minimising the metric, c
 slices above delta, fitted for F1 on the CNN's OOF slice probabilities, then calibrated), cross-fitted
 on the OOF rows; test rows from the fold-averaged test probabilities; weights.json carries the head
 for the kernel. An option: on the quality benchmark the sequence stage's calls had the higher F1.
+--exam-pe-head voting_log_loss: the same head with (mu, delta) chosen for its log loss instead of F1
+(our option beyond the paper; README, methods table).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 
 from pe import paths
 from pe.eval.ensemble import EnsembleError, run_ensemble
+from pe.eval.voting import EXAM_PE_HEADS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="name of the ensemble (oof/<out>/)")
     ap.add_argument("--truth", default=None, help="train.csv-format truth (default: <PE_DATA_DIR>/train.csv)")
     ap.add_argument("--cnn-exp", default=None, help="stage-1 experiment for the max-aggregation baseline row")
-    ap.add_argument("--exam-pe-head", choices=["sequence", "voting"], default="sequence",
+    ap.add_argument("--exam-pe-head", choices=list(EXAM_PE_HEADS), default="sequence",
                     help="which model gives negative_exam_for_pe (default: the blended sequence members)")
     args = ap.parse_args(argv)
     truth = args.truth or paths.data_dir() / "train.csv"

@@ -127,6 +127,8 @@ def test_variants_inherit_from_the_baseline_and_bad_files_are_named(tmp_path: Pa
     assert bm.load_variant("cnn_maxpool").cnn_key() != base.cnn_key()
     vote = bm.load_variant("voting_head")
     assert (base.exam_pe_head, vote.exam_pe_head) == ("sequence", "voting") and vote.seq == base.seq
+    vote_ll = bm.load_variant("voting_head_ll")
+    assert vote_ll.exam_pe_head == "voting_log_loss" and vote_ll.cnn_key() == base.cnn_key()
     # every shipped variant's CNN (and the runs it builds on) reads the benchmark's frozen recipe, not demo.yaml,
     # so a demo edit never moves the benchmark's baseline or invalidates its stored runs
     for f in sorted(bm.BENCH_CONFIGS.glob("*.yaml")):

@@ -88,3 +88,57 @@ def test_voting_head_calibrates_its_calls_and_sets_the_exam_pe_row() -> None:
         voting.apply_exam_pe(pred, {"s0": 0.5})
     assert voting.study_pe_labels(pd.DataFrame({"StudyInstanceUID": ["a", "a", "b"],
                                                 "pe_present_on_image": [0, 1, 0]})) == {"a": 1, "b": 0}
+
+
+def _head_log_loss(head: voting.VotingHead, probs: dict, labels: dict) -> float:
+    p = head.p_pe(probs)
+    y = np.array([labels[s] for s in sorted(p)])
+    q = np.array([p[s] for s in sorted(p)])
+    return float(-np.mean(y * np.log(q) + (1 - y) * np.log1p(-q)))
+
+
+def _weak_cnn_studies(n: int, seed: int) -> tuple[dict, dict]:
+    """Half the studies positive; every study has a few middling slices (0.05-0.45, the same for both
+    classes) and 40 % of the positive ones one confident slice (0.6-0.95): a weak slice model with a
+    high-precision, low-recall signal, whose best F1 is to call (nearly) every study positive."""
+    rng = np.random.default_rng(seed)
+    probs, labels = {}, {}
+    for i in range(n):
+        y = int(i % 2 == 0)
+        noise = rng.uniform(0.05, 0.45, int(rng.poisson(4)))
+        sure = rng.uniform(0.6, 0.95, int(y and rng.random() < 0.4))
+        probs[f"s{i}"] = np.concatenate([rng.uniform(0.0, 0.04, 60), noise, sure])
+        labels[f"s{i}"] = y
+    return probs, labels
+
+
+def test_log_loss_fit_splits_where_f1_calls_most_studies_positive() -> None:
+    probs, labels = _weak_cnn_studies(200, seed=0)
+    f1_head = voting.fit_voting_head(probs, labels)
+    ll_head = voting.fit_voting_head(probs, labels, criterion="log_loss")
+    assert sum(f1_head.rule.predict(probs).values()) >= 140  # F1's near-degenerate answer
+    called = ll_head.rule.predict(probs)
+    assert ll_head.mu == 1 and 0.45 <= ll_head.delta < 0.6 and 30 <= sum(called.values()) <= 60
+    assert ll_head.criterion == "log_loss" and ll_head.p_pe_called > 0.95
+    assert ll_head.f1 == pytest.approx(voting.study_metrics(called, labels)["f1"]) and ll_head.f1 < f1_head.f1
+    # it is the (mu, delta) of lowest log loss, found by brute force over the grid
+    brute = {}
+    for d in voting.DEFAULT_DELTAS:
+        for mu in range(1, 11):
+            c = voting.VotingRule(mu, float(d), 0.0).predict(probs)
+            k1, n1 = sum(labels[s] for s in c if c[s]), sum(c.values())
+            head = voting.VotingHead(mu, float(d), 0.0, (k1 + 1) / (n1 + 2), (100 - k1 + 1) / (200 - n1 + 2), 200)
+            brute[(mu, float(d))] = _head_log_loss(head, probs, labels)
+    fitted = _head_log_loss(ll_head, probs, labels)
+    assert fitted == pytest.approx(brute[(ll_head.mu, ll_head.delta)]) and fitted <= min(brute.values()) + 1e-12
+    assert fitted < _head_log_loss(f1_head, probs, labels) - 0.1
+    # and it generalises: lower log loss than the F1 head on fresh studies of the same kind
+    test_probs, test_labels = _weak_cnn_studies(400, seed=100)
+    assert _head_log_loss(ll_head, test_probs, test_labels) < _head_log_loss(f1_head, test_probs, test_labels) - 0.1
+    assert voting.VotingHead.from_json(ll_head.to_json()) == ll_head
+    legacy = {k: v for k, v in f1_head.to_json().items() if k != "criterion"}  # written before the option
+    assert voting.VotingHead.from_json(legacy).criterion == "f1"
+    with pytest.raises(ValueError, match="out of range"):
+        voting.VotingHead.from_json({**ll_head.to_json(), "criterion": "auc"})
+    with pytest.raises(ValueError, match="criterion"):
+        voting.fit_voting(probs, labels, criterion="auc")

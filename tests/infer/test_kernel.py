@@ -134,25 +134,28 @@ def test_kernel_without_jpeg_roundtrip_stays_within_jpeg_tolerance(chain: dict, 
     _assert_valid_and_consistent(tmp_path / "submission.csv", chain["data"])
 
 
-def test_voting_exam_pe_head_offline_and_in_the_kernel(chain: dict, tmp_path: Path,
+@pytest.mark.parametrize("exam_head", ["voting", "voting_log_loss"])
+def test_voting_exam_pe_head_offline_and_in_the_kernel(chain: dict, tmp_path: Path, exam_head: str,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """07 --exam-pe-head voting: negative_exam_for_pe of the OOF rows comes from cross-fitted voting heads,
     that of the test rows from the head fitted on every OOF study (stored in weights.json), the other
-    labels stay the blend's; the kernel, given that weights.json, reproduces 07's test predictions."""
-    from pe.eval.voting import VotingHead, probs_by_study
+    labels stay the blend's; the kernel, given that weights.json, reproduces 07's test predictions.
+    voting_log_loss: the same with (mu, delta) fitted for log loss, which weights.json records."""
+    from pe.eval.voting import EXAM_PE_HEADS, VotingHead, probs_by_study
 
     for k, v in chain["env"].items():
         monkeypatch.setenv(k, str(v))
     script_07 = REPO / "src" / "07_ensemble.py"
-    proc = subprocess.run([sys.executable, str(script_07), "--members", *SEQ_EXPS, "--out", "ens_vote",
-                           "--exam-pe-head", "voting"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(script_07), "--members", *SEQ_EXPS, "--out", f"ens_{exam_head}",
+                           "--exam-pe-head", exam_head], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ensemble + voting exam PE" in proc.stdout
-    vdir = chain["root"] / "oof" / "ens_vote"
+    assert f"fitted for {EXAM_PE_HEADS[exam_head]}" in proc.stdout
+    vdir = chain["root"] / "oof" / f"ens_{exam_head}"
     spec = json.loads((vdir / "weights.json").read_text())
     head = VotingHead.from_json(spec["exam_pe_head"])
-    assert spec["exam_pe_head"]["cnn_exp"] == CNN_EXP
+    assert spec["exam_pe_head"]["cnn_exp"] == CNN_EXP and head.criterion == EXAM_PE_HEADS[exam_head]
     plain_oof = pd.read_csv(chain["root"] / "oof" / ENS / "oof.csv", dtype={"id": str}).set_index("id")["label"]
     oof = pd.read_csv(vdir / "oof.csv", dtype={"id": str}).set_index("id")["label"].reindex(plain_oof.index)
     neg = plain_oof.index.str.endswith("_negative_exam_for_pe")

@@ -28,6 +28,7 @@ from pe import paths, rspect
 from pe.data.tables import read_truth
 from pe.eval import metric
 from pe.eval.bootstrap import bootstrap_ci
+from pe.eval.voting import EXAM_PE_HEADS
 from pe.io import write_csv_atomic
 from pe.rspect import EXAM_LABELS, ID_COLUMNS, IMAGE_LABEL, SOP, STUDY
 
@@ -84,7 +85,7 @@ class Variant:
     seq: tuple[StageSpec, ...]
     source: str
     before: tuple[PreStage, ...] = ()
-    exam_pe_head: str = "sequence"  # stage 07 --exam-pe-head: sequence | voting
+    exam_pe_head: str = "sequence"  # stage 07 --exam-pe-head (pe.eval.voting.EXAM_PE_HEADS)
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "source": self.source,
@@ -169,8 +170,8 @@ def load_variant(name: str, configs_dir: Path = BENCH_CONFIGS, _seen: tuple[str,
     else:
         raise BenchError(f"{path}: needs 'seq' members (or 'extends')")
     head = str(raw.get("exam_pe_head", parent.exam_pe_head if parent is not None else "sequence"))
-    if head not in ("sequence", "voting"):
-        raise BenchError(f"{path}: exam_pe_head must be 'sequence' or 'voting', got {head!r}")
+    if head not in EXAM_PE_HEADS:
+        raise BenchError(f"{path}: exam_pe_head must be one of {list(EXAM_PE_HEADS)}, got {head!r}")
     return Variant(name, str(raw.get("description", "")), cnn, seq, str(path.relative_to(paths.REPO_ROOT))
                    if path.is_relative_to(paths.REPO_ROOT) else str(path), before, head)
 

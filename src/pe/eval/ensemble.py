@@ -46,7 +46,14 @@ from pe.eval.pred_files import (
     read_long,
     read_member_oof,
 )
-from pe.eval.voting import VotingHead, apply_exam_pe, fit_voting_head, probs_by_study, study_pe_labels
+from pe.eval.voting import (
+    EXAM_PE_HEADS,
+    VotingHead,
+    apply_exam_pe,
+    fit_voting_head,
+    probs_by_study,
+    study_pe_labels,
+)
 from pe.ids import label_of_ids, match_ids, studies_of_ids
 from pe.io import write_csv_atomic, write_json_atomic
 
@@ -409,11 +416,12 @@ def stage_rows(fit: EnsembleFit, data: BlendData, truth: pd.DataFrame, oof_pred:
 
 
 def voting_exam_pe(oof_pred: pd.DataFrame, data: BlendData, truth: pd.DataFrame, cnn_oof: pd.DataFrame | None,
-                   cnn_exp: str) -> tuple[pd.DataFrame, VotingHead, str]:
+                   cnn_exp: str, criterion: str = "f1") -> tuple[pd.DataFrame, VotingHead, str]:
     """The voting study head (papers/condrea2023 eqs. 1-2, :class:`pe.eval.voting.VotingHead`) as the
     exam PE head of the blend: cross-fitted on the OOF rows (fold k's studies by a rule fitted on the
     other folds' CNN OOF slice probabilities), and fitted on every OOF study for the test rows and the
-    kernel. Returns (OOF predictions with it, the full head, a note for the stage table)."""
+    kernel; (mu, delta) chosen by ``criterion`` (pe.eval.voting.FIT_CRITERIA). Returns (OOF predictions
+    with it, the full head, a note for the stage table)."""
     if cnn_oof is None:
         raise EnsembleError(f"the voting exam PE head needs the CNN's OOF slice probabilities "
                             f"(oof/{cnn_exp}/cnn_fold<k>.parquet of 04_train_cnn.py)")
@@ -428,12 +436,13 @@ def voting_exam_pe(oof_pred: pd.DataFrame, data: BlendData, truth: pd.DataFrame,
     for k in sorted(pd.unique(fold_of)):
         inside = fold_of.index[fold_of == k]
         others = set(fold_of.index) - set(inside)
-        head_k = fit_voting_head({s: p for s, p in probs.items() if s in others}, labels)
+        head_k = fit_voting_head({s: p for s, p in probs.items() if s in others}, labels, criterion=criterion)
         p_pe.update(head_k.p_pe({s: probs[s] for s in inside}))
     voted = apply_exam_pe(oof_pred, p_pe)
-    head = fit_voting_head({s: p for s, p in probs.items() if s in set(fold_of.index)}, labels)
+    head = fit_voting_head({s: p for s, p in probs.items() if s in set(fold_of.index)}, labels,
+                           criterion=criterion)
     note = (f"{cnn_exp}: >= {head.mu} slices above {head.delta:.2f} -> P(PE) {head.p_pe_called:.2f}, "
-            f"else {head.p_pe_not_called:.2f} (cross-fitted)")
+            f"else {head.p_pe_not_called:.2f} (fitted for {criterion}, cross-fitted)")
     return voted, head, note
 
 
@@ -452,17 +461,14 @@ def fold_averaged_test_probs(cnn_exp: str) -> dict[str, np.ndarray]:
     return probs_by_study(mean)
 
 
-EXAM_PE_HEADS = ("sequence", "voting")
-
-
 def run_ensemble(members: Sequence[str], out: str, truth_path: str | Path, cnn_exp: str | None = None,
                  exam_pe_head: str = "sequence") -> dict[str, Any]:
     """Read members from ``oof/<exp>/``, fit, and write ``oof/<out>/{oof,test}.csv``, ``weights.json``
-    and ``stages.json``. Returns the stages dict (rows + scores). ``exam_pe_head="voting"`` replaces the
-    blend's ``negative_exam_for_pe`` by the voting head (:func:`voting_exam_pe`), stored in
-    ``weights.json`` for the kernel."""
+    and ``stages.json``. Returns the stages dict (rows + scores). ``exam_pe_head="voting"`` (or
+    ``"voting_log_loss"``, fitted for log loss) replaces the blend's ``negative_exam_for_pe`` by the voting
+    head (:func:`voting_exam_pe`), stored in ``weights.json`` for the kernel."""
     if exam_pe_head not in EXAM_PE_HEADS:
-        raise EnsembleError(f"exam PE head must be one of {EXAM_PE_HEADS}, got {exam_pe_head!r}")
+        raise EnsembleError(f"exam PE head must be one of {list(EXAM_PE_HEADS)}, got {exam_pe_head!r}")
     if len(set(members)) != len(members):
         raise EnsembleError(f"members named twice: {list(members)}")
     try:
@@ -480,10 +486,11 @@ def run_ensemble(members: Sequence[str], out: str, truth_path: str | Path, cnn_e
     cnn_exp = cnn_exp or cnn_exp_of(members[0])
     cnn_oof = read_cnn_oof(cnn_exp) if cnn_exp else None
     voted = None
-    if exam_pe_head == "voting":
+    criterion = EXAM_PE_HEADS[exam_pe_head]
+    if criterion is not None:
         if not cnn_exp:
             raise EnsembleError("the voting exam PE head needs the CNN experiment: pass --cnn-exp")
-        voted_oof, head, note = voting_exam_pe(oof_pred, data, truth, cnn_oof, cnn_exp)
+        voted_oof, head, note = voting_exam_pe(oof_pred, data, truth, cnn_oof, cnn_exp, criterion)
         voted = (voted_oof, note)
         spec["exam_pe_head"] = {**head.to_json(), "cnn_exp": cnn_exp}
         test_pred = apply_exam_pe(test_pred, head.p_pe(fold_averaged_test_probs(cnn_exp)))

@@ -5,6 +5,11 @@ A study is PE-positive when at least ``mu`` of its slices have a probability abo
 study label on validation studies (eq. 2). The paper found it as good as a sequence model on
 ~6,000 training studies and preferred it for being transparent; it is reported here beside the
 sequence stage with the paper's table columns (sensitivity, specificity, PPV, NPV, F1).
+
+Our option beyond the paper: ``criterion="log_loss"`` picks (mu, delta) for the log loss of the head's
+two calibrated probabilities instead (the loss the competition scores ``negative_exam_for_pe`` by). With
+half the exams positive and a weak slice model, F1 is maximised by calling every study positive, a
+split that carries no information; the log loss of a split is lowest where it separates the classes.
 """
 
 from __future__ import annotations
@@ -19,13 +24,17 @@ from pe.eval.metric import binary_stats
 
 NEG_LABEL = "negative_exam_for_pe"  # the exam row (pe.rspect.EXAM_LABELS) the voting head sets
 DEFAULT_DELTAS = np.round(np.linspace(0.01, 0.99, 99), 2)
+FIT_CRITERIA = ("f1", "log_loss")  # what (mu, delta) are chosen for: eq. 2's F1, or the head's log loss
+# Stage 07's --exam-pe-head choices: the sequence members', or the voting head fitted by a criterion.
+EXAM_PE_HEADS = {"sequence": None, "voting": "f1", "voting_log_loss": "log_loss"}
 
 
 @dataclass(frozen=True)
 class VotingRule:
     mu: int  # minimum number of slices above delta
     delta: float  # slice probability threshold (strict)
-    f1: float  # F1 on the studies it was fitted on
+    f1: float  # F1 on the studies it was fitted on (whatever the criterion it was chosen by)
+    criterion: str = "f1"  # FIT_CRITERIA: what (mu, delta) were chosen for
 
     def predict(self, probs: Mapping[str, np.ndarray]) -> dict[str, int]:
         """Study -> 0/1 by eq. 1."""
@@ -48,25 +57,32 @@ def _counts_above(sorted_probs: list[np.ndarray], deltas: np.ndarray) -> np.ndar
     return np.stack([len(p) - np.searchsorted(p, deltas, side="right") for p in sorted_probs])
 
 
-def _best_mu(counts: np.ndarray, y: np.ndarray) -> tuple[int, float]:
-    """(mu, F1) maximising F1 of ``counts >= mu`` over mu >= 1 (smallest mu on ties)."""
-    top = int(counts.max()) if len(counts) else 0
-    if top < 1:
-        return 1, 0.0
+def _mu_scores(counts: np.ndarray, y: np.ndarray, criterion: str) -> tuple[np.ndarray, np.ndarray]:
+    """(score, F1) of ``counts >= mu`` for mu = 1 .. max(counts) (at least mu = 1); score is higher-better:
+    the F1, or minus the mean log loss of the two Laplace-smoothed rates (k + 1) / (n + 2) of the
+    called and not-called studies (:class:`VotingHead`'s probabilities)."""
+    top = max(int(counts.max()) if len(counts) else 0, 1)
     # tp(mu) / predicted(mu) = studies (positive / any) with count >= mu: reverse cumulative histograms.
-    pos_hist = np.bincount(counts[y == 1], minlength=top + 1)
-    all_hist = np.bincount(counts, minlength=top + 1)
-    tp = np.cumsum(pos_hist[::-1])[::-1][1:]
-    pred = np.cumsum(all_hist[::-1])[::-1][1:]
+    tp = np.cumsum(np.bincount(counts[y == 1], minlength=top + 1)[::-1])[::-1][1:].astype(np.float64)
+    pred = np.cumsum(np.bincount(counts, minlength=top + 1)[::-1])[::-1][1:].astype(np.float64)
     f1 = 2 * tp / (pred + y.sum())
-    j = int(np.argmax(f1))
-    return j + 1, float(f1[j])
+    if criterion == "f1":
+        return f1, f1
+    n, pos = float(len(y)), float(y.sum())
+    ll = np.zeros_like(tp)
+    for k, m in ((tp, pred), (pos - tp, n - pred)):  # called, not called
+        r = (k + 1) / (m + 2)
+        ll += k * np.log(r) + (m - k) * np.log1p(-r)
+    return ll / n, f1
 
 
 def fit_voting(probs: Mapping[str, np.ndarray], labels: Mapping[str, int],
-               deltas: Sequence[float] | np.ndarray = DEFAULT_DELTAS) -> VotingRule:
+               deltas: Sequence[float] | np.ndarray = DEFAULT_DELTAS, criterion: str = "f1") -> VotingRule:
     """Eq. 2: the (mu, delta) of highest F1 on these studies (``probs``: study -> slice probabilities,
-    ``labels``: study -> negative_exam_for_pe == 0). Ties go to the smallest delta, then mu."""
+    ``labels``: study -> negative_exam_for_pe == 0), or of lowest head log loss with
+    ``criterion="log_loss"``. Ties go to the smallest delta, then mu."""
+    if criterion not in FIT_CRITERIA:
+        raise ValueError(f"voting fit criterion must be one of {FIT_CRITERIA}, got {criterion!r}")
     if not probs:
         raise ValueError("fit_voting needs at least one study")
     sorted_probs, y = _aligned(probs, labels)
@@ -74,11 +90,12 @@ def fit_voting(probs: Mapping[str, np.ndarray], labels: Mapping[str, int],
         raise ValueError("fit_voting needs at least one positive study (F1 is undefined otherwise)")
     d = np.asarray(deltas, dtype=np.float64)
     counts = _counts_above(sorted_probs, d)
-    best = VotingRule(1, float(d[0]), -1.0)
+    best, best_score = VotingRule(1, float(d[0]), -1.0, criterion), -np.inf
     for i, delta in enumerate(d):
-        mu, f1 = _best_mu(counts[:, i], y)
-        if f1 > best.f1 + 1e-12:
-            best = VotingRule(mu, float(delta), f1)
+        score, f1 = _mu_scores(counts[:, i], y, criterion)
+        j = int(np.argmax(score))
+        if score[j] > best_score + 1e-12:
+            best, best_score = VotingRule(j + 1, float(delta), float(f1[j]), criterion), float(score[j])
     return best
 
 
@@ -119,10 +136,11 @@ class VotingHead:
     p_pe_called: float
     p_pe_not_called: float
     n_studies: int
+    criterion: str = "f1"  # FIT_CRITERIA; heads written before it existed were fitted for F1
 
     @property
     def rule(self) -> VotingRule:
-        return VotingRule(self.mu, self.delta, self.f1)
+        return VotingRule(self.mu, self.delta, self.f1, self.criterion)
 
     def p_pe(self, probs: Mapping[str, np.ndarray]) -> dict[str, float]:
         """Study -> P(PE exam) from its slice probabilities."""
@@ -137,11 +155,13 @@ class VotingHead:
             raise ValueError(f"{where}: unknown exam PE head kind {d.get('kind')!r} (known: 'voting')")
         try:
             head = cls(int(d["mu"]), float(d["delta"]), float(d["f1"]), float(d["p_pe_called"]),  # type: ignore[arg-type]
-                       float(d["p_pe_not_called"]), int(d["n_studies"]))  # type: ignore[arg-type]
+                       float(d["p_pe_not_called"]), int(d["n_studies"]),  # type: ignore[arg-type]
+                       str(d.get("criterion", "f1")))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{where}: malformed voting head {dict(d)}: {e}") from e
-        if head.mu < 1 or not 0 <= head.delta < 1 or not all(0 < p < 1 for p in (head.p_pe_called,
-                                                                                  head.p_pe_not_called)):
+        rates = (head.p_pe_called, head.p_pe_not_called)
+        if head.criterion not in FIT_CRITERIA or head.mu < 1 or not 0 <= head.delta < 1 \
+                or not all(0 < p < 1 for p in rates):
             raise ValueError(f"{where}: voting head out of range: {dict(d)}")
         return head
 
@@ -155,15 +175,16 @@ def study_pe_labels(truth: pd.DataFrame) -> dict[str, int]:
 
 
 def fit_voting_head(probs: Mapping[str, np.ndarray], labels: Mapping[str, int],
-                    deltas: Sequence[float] | np.ndarray = DEFAULT_DELTAS) -> VotingHead:
-    """Eq. 2's rule on ``probs`` / ``labels`` plus its two calibrated probabilities."""
+                    deltas: Sequence[float] | np.ndarray = DEFAULT_DELTAS, criterion: str = "f1") -> VotingHead:
+    """Eq. 2's rule (chosen by ``criterion``) on ``probs`` / ``labels`` plus its two calibrated
+    probabilities."""
     probs = {s: p for s, p in probs.items() if s in labels}
-    rule = fit_voting(probs, labels, deltas)
+    rule = fit_voting(probs, labels, deltas, criterion)
     called = rule.predict(probs)
     c = np.array([called[s] for s in sorted(called)], dtype=bool)
     y = np.array([int(labels[s]) for s in sorted(called)])
     rate = [(int(y[m].sum()) + 1) / (int(m.sum()) + 2) for m in (c, ~c)]
-    return VotingHead(rule.mu, rule.delta, rule.f1, rate[0], rate[1], len(y))
+    return VotingHead(rule.mu, rule.delta, rule.f1, rate[0], rate[1], len(y), criterion)
 
 
 def apply_exam_pe(pred: pd.DataFrame, p_pe: Mapping[str, float]) -> pd.DataFrame:
