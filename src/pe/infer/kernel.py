@@ -91,7 +91,7 @@ class ModelPlan:
         if self.exam_pe_head is not None:
             h = self.exam_pe_head
             lines.append(f"exam PE head: voting on {self.spec['exam_pe_head']['cnn_exp']} (>= {h.mu} slices above "
-                         f"{h.delta:.2f}: P(PE) {h.p_pe_called:.3f}, else {h.p_pe_not_called:.3f})")
+                         f"{h.delta:.2f}: P(PE) {h.p_pe_called:.3f}, else {h.p_pe_not_called:.3f}; fitted for {h.criterion})")
         return "\n".join(lines)
 
 
