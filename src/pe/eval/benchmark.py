@@ -1,6 +1,5 @@
-"""The logic of the quality benchmark (``bench/bench_quality.py``, ``make bench-quality``) that is worth
-testing on its own: variant specs, the held-out split of a data folder, and every figure of the
-benchmark with its bootstrap interval over held-out studies.
+"""The logic of the quality benchmark (``bench/bench_quality.py``, ``make bench-quality``) worth testing on its
+own: variant specs, the held-out split of a data folder, every figure with its bootstrap interval over studies.
 
 Why per-study weights: every figure (the competition metric, its per-label contributions, the
 AUCs) is a function of the multiset of held-out studies. A bootstrap resample is a vector of

@@ -35,6 +35,7 @@ from scipy.optimize import minimize
 
 from pe import paths, rspect
 from pe.data.tables import read_truth
+from pe.eval import voting
 from pe.eval.baselines import oof_baselines
 from pe.eval.hierarchy import RULE_IDS, check_long, repair_long, summarize_repair
 from pe.eval.metric import Scorer, bce, score
@@ -46,14 +47,7 @@ from pe.eval.pred_files import (
     read_long,
     read_member_oof,
 )
-from pe.eval.voting import (
-    EXAM_PE_HEADS,
-    VotingHead,
-    apply_exam_pe,
-    fit_voting_head,
-    probs_by_study,
-    study_pe_labels,
-)
+from pe.eval.voting import VotingHead, apply_exam_pe, fit_voting_head, probs_by_study, study_pe_labels
 from pe.ids import label_of_ids, match_ids, studies_of_ids
 from pe.io import write_csv_atomic, write_json_atomic
 
@@ -467,8 +461,8 @@ def run_ensemble(members: Sequence[str], out: str, truth_path: str | Path, cnn_e
     and ``stages.json``. Returns the stages dict (rows + scores). ``exam_pe_head="voting"`` (or
     ``"voting_log_loss"``, fitted for log loss) replaces the blend's ``negative_exam_for_pe`` by the voting
     head (:func:`voting_exam_pe`), stored in ``weights.json`` for the kernel."""
-    if exam_pe_head not in EXAM_PE_HEADS:
-        raise EnsembleError(f"exam PE head must be one of {list(EXAM_PE_HEADS)}, got {exam_pe_head!r}")
+    if exam_pe_head not in voting.EXAM_PE_HEADS:
+        raise EnsembleError(f"exam PE head must be one of {list(voting.EXAM_PE_HEADS)}, got {exam_pe_head!r}")
     if len(set(members)) != len(members):
         raise EnsembleError(f"members named twice: {list(members)}")
     try:
@@ -486,7 +480,7 @@ def run_ensemble(members: Sequence[str], out: str, truth_path: str | Path, cnn_e
     cnn_exp = cnn_exp or cnn_exp_of(members[0])
     cnn_oof = read_cnn_oof(cnn_exp) if cnn_exp else None
     voted = None
-    criterion = EXAM_PE_HEADS[exam_pe_head]
+    criterion = voting.EXAM_PE_HEADS[exam_pe_head]
     if criterion is not None:
         if not cnn_exp:
             raise EnsembleError("the voting exam PE head needs the CNN experiment: pass --cnn-exp")
