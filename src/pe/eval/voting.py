@@ -57,10 +57,16 @@ def _counts_above(sorted_probs: list[np.ndarray], deltas: np.ndarray) -> np.ndar
     return np.stack([len(p) - np.searchsorted(p, deltas, side="right") for p in sorted_probs])
 
 
+def _smoothed_rate(k: np.ndarray | int, n: np.ndarray | int) -> np.ndarray | float:
+    """P(PE) of a group of ``n`` studies with ``k`` positive: Laplace-smoothed (k + 1) / (n + 2), never 0 or 1.
+    The head's two probabilities and the log-loss fit of (mu, delta) both use it."""
+    return (k + 1) / (n + 2)
+
+
 def _mu_scores(counts: np.ndarray, y: np.ndarray, criterion: str) -> tuple[np.ndarray, np.ndarray]:
     """(score, F1) of ``counts >= mu`` for mu = 1 .. max(counts) (at least mu = 1); score is higher-better:
-    the F1, or minus the mean log loss of the two Laplace-smoothed rates (k + 1) / (n + 2) of the
-    called and not-called studies (:class:`VotingHead`'s probabilities)."""
+    the F1, or minus the mean log loss of the smoothed rates (:func:`_smoothed_rate`) of the called and
+    not-called studies (:class:`VotingHead`'s probabilities)."""
     top = max(int(counts.max()) if len(counts) else 0, 1)
     # tp(mu) / predicted(mu) = studies (positive / any) with count >= mu: reverse cumulative histograms.
     tp = np.cumsum(np.bincount(counts[y == 1], minlength=top + 1)[::-1])[::-1][1:].astype(np.float64)
@@ -71,7 +77,7 @@ def _mu_scores(counts: np.ndarray, y: np.ndarray, criterion: str) -> tuple[np.nd
     n, pos = float(len(y)), float(y.sum())
     ll = np.zeros_like(tp)
     for k, m in ((tp, pred), (pos - tp, n - pred)):  # called, not called
-        r = (k + 1) / (m + 2)
+        r = _smoothed_rate(k, m)
         ll += k * np.log(r) + (m - k) * np.log1p(-r)
     return ll / n, f1
 
@@ -159,9 +165,10 @@ class VotingHead:
                        str(d.get("criterion", "f1")))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{where}: malformed voting head {dict(d)}: {e}") from e
-        rates = (head.p_pe_called, head.p_pe_not_called)
-        if head.criterion not in FIT_CRITERIA or head.mu < 1 or not 0 <= head.delta < 1 \
-                or not all(0 < p < 1 for p in rates):
+        if head.criterion not in FIT_CRITERIA:
+            raise ValueError(f"{where}: unknown voting fit criterion {head.criterion!r} (known: {FIT_CRITERIA})")
+        if head.mu < 1 or not 0 <= head.delta < 1 or not all(0 < p < 1 for p in (head.p_pe_called,
+                                                                                  head.p_pe_not_called)):
             raise ValueError(f"{where}: voting head out of range: {dict(d)}")
         return head
 
@@ -183,7 +190,7 @@ def fit_voting_head(probs: Mapping[str, np.ndarray], labels: Mapping[str, int],
     called = rule.predict(probs)
     c = np.array([called[s] for s in sorted(called)], dtype=bool)
     y = np.array([int(labels[s]) for s in sorted(called)])
-    rate = [(int(y[m].sum()) + 1) / (int(m.sum()) + 2) for m in (c, ~c)]
+    rate = [float(_smoothed_rate(int(y[m].sum()), int(m.sum()))) for m in (c, ~c)]
     return VotingHead(rule.mu, rule.delta, rule.f1, rate[0], rate[1], len(y), criterion)
 
 
