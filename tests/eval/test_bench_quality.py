@@ -232,10 +232,14 @@ def test_benchmark_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     d = r["paired"]["gru_only"]["score"]["estimate"]
     assert d == pytest.approx(r["variants"]["gru_only"]["mean"]["score"]["estimate"]
                               - r["variants"]["baseline"]["mean"]["score"]["estimate"], abs=1e-12)
+    # the metric split by label: the paired per-label differences add up to the metric's difference
+    parts = [r["paired"]["gru_only"][f"loss:{lab}"]["estimate"] for lab in bm.LABELS]
+    assert sum(parts) == pytest.approx(d, abs=1e-12) and any(abs(x) > 0 for x in parts)
     assert r["stage_seconds"] and (out / "index.html").is_file() and (out / "labels.png").is_file()
     table = (out / "table.txt").read_text()
     assert "metric" in table
     assert "constant maps" in table and "px of a box" in table
+    assert "metric by label" in table and "rv_lv_ratio_gte_1" in table
     # bench/compare_runs.py recomputes the same figures from the run folders, and its contrasts pair
     cmp = compare(tmp_path / "phantom" / "phantom_test_labels.csv",
                   [parse_side(f"base={out}:baseline"), parse_side(f"gru={out}:gru_only")], ["gru-base"], [1], n_boot=50)

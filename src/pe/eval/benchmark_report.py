@@ -26,7 +26,8 @@ from pe.rspect import SOP, STUDY
 
 MAIN_KEYS: tuple[str, ...] = ("score", "study_pe_auc", "image_auc")
 EXAM_AUC_KEYS: tuple[str, ...] = tuple(f"auc:{lab}" for lab in bm.EXAM_LABELS)
-FIGURE_KEYS: tuple[str, ...] = (*MAIN_KEYS, *(f"loss:{lab}" for lab in bm.LABELS), *EXAM_AUC_KEYS)
+LOSS_KEYS: tuple[str, ...] = tuple(f"loss:{lab}" for lab in bm.LABELS)  # per-label contributions to the metric
+FIGURE_KEYS: tuple[str, ...] = (*MAIN_KEYS, *LOSS_KEYS, *EXAM_AUC_KEYS)
 BOX_FILES: tuple[str, ...] = ("phantom_test_boxes.csv", "train_boxes.csv")
 
 
@@ -228,7 +229,8 @@ def evaluate(args: Any, variants: Sequence[bm.Variant], seeds: Sequence[int], ru
         res["variants"][v.name] = {"spec": v.as_dict(), "seeds": per_seed, "mean": mean, "seed_spread": spread}
     base = stats["baseline"]
     for v in variants[1:]:
-        res["paired"][v.name] = _cis({k: bm.paired_difference(stats[v.name][k], base[k]) for k in MAIN_KEYS}, n, nb)
+        res["paired"][v.name] = _cis({k: bm.paired_difference(stats[v.name][k], base[k])
+                                      for k in (*MAIN_KEYS, *LOSS_KEYS)}, n, nb)
     # stage 2 against the CNN max-aggregation of the same CNN, paired (issue 14, item 3's yardstick)
     for v in variants:
         res["variants"][v.name]["minus_maxagg"] = _cis({
@@ -290,6 +292,7 @@ def format_table(r: Mapping[str, Any]) -> str:
         lines.append(f"  {name} - max-agg: metric {fmt_ci(d['score'])}, study PE AUC {fmt_ci(d['study_pe_auc'])}")
     for name, d in r["paired"].items():
         lines.append(f"  {name} - baseline: " + ", ".join(f"{k} {fmt_ci(d[k])}" for k in MAIN_KEYS))
+    lines += _label_loss_lines(r, w)
     lines += _call_lines(r, by_cnn, w)
     sp = r["variants"]["baseline"]["seed_spread"]
     lines.append("seed spread of the baseline (sd over seeds, range): "
@@ -319,6 +322,21 @@ def _call_lines(r: Mapping[str, Any], by_cnn: Mapping[tuple[str, ...], list[str]
         cells = "".join(f"{fmt_num(m[f'{prefix}:{k}']['estimate'], 3):<8}" for k in bm.CALL_KEYS[:-1])
         out.append(f"  {label:<{w}}{cells}{fmt_ci(m[f'{prefix}:f1'], 3)}")
     return out
+
+
+def _label_loss_lines(r: Mapping[str, Any], w: int) -> list[str]:
+    """The metric split by label: the baseline's contribution of each label (they sum to its metric) and
+    each variant's paired difference, so a variant's change of the metric can be traced to its labels."""
+    names = [n for n in r["paired"] if "loss:" + bm.LABELS[0] in r["paired"][n]]
+    if not names:
+        return []
+    w = max(w, 22)
+    base = r["variants"]["baseline"]["mean"]
+    lines = ["", "metric by label (baseline's contribution; variant - baseline, paired):",
+             f"  {'label':<{w}}{'baseline':<28}" + "".join(f"{n[:26]:<28}" for n in names)]
+    for key in LOSS_KEYS:  # 28: a negative interval is 26 characters wide
+        lines.append(f"  {key[5:]:<{w}}{fmt_ci(base[key]):<28}" + "".join(f"{fmt_ci(r['paired'][n][key]):<28}" for n in names))
+    return lines
 
 
 def _exam_auc_lines(r: Mapping[str, Any], w: int) -> list[str]:
