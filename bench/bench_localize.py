@@ -1,14 +1,19 @@
 """Localisation table of condrea2024 (Tables II-V) for one experiment and split with box truth.
 
 Rows: the teacher after each refinement round (filtered), the teacher's final pseudo-masks without
-and with the size/distance filter, and the student; pooled sensitivity / PPV / F1 with 95 %
-percentile bootstrap intervals over studies (Pu et al. cluster matching), seconds per study.
+and with the size/distance filter, and the student(s); pooled sensitivity / PPV / F1 with 95 %
+percentile bootstrap intervals over studies (Pu et al. cluster matching), seconds per study. Below
+them the paired differences (bootstrap over the studies both rows scored): round 2 - round 1,
+filtered - unfiltered, each student - the final filtered teacher, later students - the first.
 Needs stage 11 (and 12 for the student row) to have run on the split.
 
     PE_WORK_DIR=work/demo python bench/bench_localize.py --exp demo_n3 --split test \
         --boxes input/phantom/phantom_test_boxes.csv
     PE_WORK_DIR=work/demo python bench/bench_localize.py --exp demo_n3 --split train \
         --boxes input/phantom/train_boxes.csv --csv reports/localize_train.csv
+    PE_WORK_DIR=work/demo python bench/bench_localize.py --exp demo_n3 --split test \
+        --boxes input/phantom/phantom_test_boxes.csv \
+        --student student=work/demo/localize/demo_n3/student --student long=work/demo/localize/demo_n3/student_long
 """
 
 from __future__ import annotations
@@ -20,12 +25,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from pe.io import write_csv_atomic  # noqa: E402
-from pe.localize.evaluate import format_table, localization_table, rows_frame  # noqa: E402
+from pe.localize.evaluate import format_report, localization_table, paired_rows, rows_frame  # noqa: E402
 from pe.localize.teacher_stage import TeacherStageConfig  # noqa: E402
 
 
 def _none_or_float(text: str) -> float | None:
     return None if text.lower() in ("none", "off") else float(text)
+
+
+def _students(items: list[str] | None) -> dict[str, str] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise SystemExit(f"--student wants NAME=DIR, got {item!r}")
+        if name.startswith("teacher") or name in out:
+            raise SystemExit(f"--student name {name!r} is taken (names are unique and do not start with 'teacher')")
+        out[name] = folder
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,14 +55,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-voxels", type=_none_or_float, default=100.0, help="size filter at 512 px of the round rows")
     ap.add_argument("--max-dist", type=_none_or_float, default=160.0, help="distance filter at 512 px")
     ap.add_argument("--n-boot", type=int, default=1000)
-    ap.add_argument("--csv", default=None, help="also write the rows (estimates and interval bounds) here")
+    ap.add_argument("--student", action="append", default=None, metavar="NAME=DIR",
+                    help="a stage-12 output folder to score as row NAME (repeatable; default: the stage's own "
+                         "folder as 'student'); later students are also compared with the first")
+    ap.add_argument("--csv", default=None, help="also write the rows (estimates and interval bounds) here, "
+                                                "and the paired differences to <stem>_paired.csv")
     a = ap.parse_args(argv)
     flt = TeacherStageConfig(min_voxels_512=a.min_voxels, max_dist_512=a.max_dist)
-    rows = localization_table(a.exp, a.split, a.boxes, flt, n_boot=a.n_boot)
+    rows = localization_table(a.exp, a.split, a.boxes, flt, n_boot=a.n_boot, students=_students(a.student))
     print(f"localisation of {a.exp} on {a.split} (Pu et al. matching, 95 % bootstrap intervals over studies)")
-    print(format_table(rows))
+    print(format_report(rows, n_boot=a.n_boot))
     if a.csv:
         write_csv_atomic(rows_frame(rows), a.csv, index=False)
+        pairs = paired_rows(rows, n_boot=a.n_boot)
+        if pairs:
+            out = Path(a.csv)
+            write_csv_atomic(rows_frame(pairs), out.with_name(f"{out.stem}_paired.csv"), index=False)
     return 0
 
 

@@ -10,6 +10,11 @@ cd "$(dirname "$0")/.."
 RUN=${1:-reports/bench-quality/hard-1-conv/runs/cnn-4bb705b016-s0}
 NTEST=${2:-10}
 NTRAIN=${3:-24}
+if [ ! -d "$RUN/work/models/cnn" ]; then
+    echo "$RUN: no stage-04 experiment 'cnn' there; give a finished quality-benchmark run folder" \
+         "(reports/bench-quality/<out>/runs/cnn-<key>-s<seed>)" >&2
+    exit 2
+fi
 export PE_WORK_DIR=$PWD/$RUN/work PE_OOF_DIR=$PWD/$RUN/oof PE_DATA_DIR=$PWD/input/bench-phantom
 PY=${PY:-.venv/bin/python}
 TEACHER="--ig-steps 8 --max-iter 3 --clf-sensitivity 0.95"

@@ -66,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     out = run_student(a.exp, tuple(a.splits), cfg, out=a.out)
     print(f"student: {out}")
     if a.boxes:
-        from pe.localize.evaluate import format_table, localization_table
+        from pe.localize.evaluate import format_report, localization_table
         from pe.localize.teacher_stage import TeacherStageConfig
 
         flt = TeacherStageConfig(min_voxels_512=a.min_voxels, max_dist_512=a.max_dist)
-        print(format_table(localization_table(a.exp, a.splits[-1], a.boxes, flt)))
+        print(format_report(localization_table(a.exp, a.splits[-1], a.boxes, flt, students={"student": out})))
     return 0
 
 

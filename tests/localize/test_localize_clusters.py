@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pe.eval.bootstrap import bootstrap_ci
 from pe.localize.clusters import (
     ClusterFilter,
+    MatchCounts,
     boxes_to_labels,
     cluster_table,
     filter_clusters,
     match_clusters,
+    paired_difference,
     per_study_table,
     pooled_scores,
     scores_from_counts,
@@ -116,6 +119,34 @@ def test_per_study_table_and_pooled_scores():
     assert pooled["sensitivity"].estimate == pytest.approx(0.5) and pooled["ppv"].estimate == pytest.approx(0.5)
     assert pooled["f1"].low <= 0.5 <= pooled["f1"].high
     assert pooled["mean_study_f1"].estimate == pytest.approx(1 / 3)
+
+
+def _table(rows):
+    """Per-study table from (study, tp, fp, fn) tuples."""
+    return per_study_table([(s, MatchCounts(tp=tp, fp=fp, fn=fn, n_pred=tp + fp, n_true=tp + fn))
+                            for s, tp, fp, fn in rows])
+
+
+def test_paired_difference_is_the_difference_of_pooled_scores_over_common_studies():
+    rng = np.random.default_rng(0)
+    studies = [f"s{i}" for i in range(40)]
+    n_true = rng.integers(0, 4, 40)
+    a = _table([(s, int(t // 2), int(rng.integers(0, 4)), int(t - t // 2)) for s, t in zip(studies, n_true, strict=True)])
+    b = _table([(s, int(t), int(rng.integers(0, 2)), 0) for s, t in zip(studies, n_true, strict=True)])  # finds every embolus
+    extra = _table([("only_in_b", 5, 0, 0)])  # a study one method did not score is left out
+    diff = paired_difference(a, pd.concat([b, extra], ignore_index=True), n_boot=300)
+    pa, pb = pooled_scores(a, n_boot=10), pooled_scores(b, n_boot=10)
+    for stat in ("sensitivity", "ppv", "f1"):
+        assert diff[stat].estimate == pytest.approx(pb[stat].estimate - pa[stat].estimate)
+        assert diff[stat].low <= diff[stat].estimate <= diff[stat].high
+    assert diff["sensitivity"].low > 0 and diff["f1"].low > 0  # b is clearly better on these studies
+    # the paired interval of a difference with itself is a point at 0; swapped order flips the sign
+    same = paired_difference(a, a, n_boot=100)["f1"]
+    assert same.estimate == same.low == same.high == 0.0
+    flipped = paired_difference(b, a, n_boot=300)["f1"]
+    assert flipped.estimate == pytest.approx(-diff["f1"].estimate) and flipped.high < 0
+    with pytest.raises(ValueError, match="share no study"):
+        paired_difference(a, extra)
 
 
 def test_cluster_table_boxes_and_scores():

@@ -159,7 +159,7 @@ def test_student_stage_end_to_end_resume_and_table(work, load_script, capsys, tm
     boxes = work["phantom"] / "phantom_test_boxes.csv"
     assert script.main(["--exp", EXP, *STUDENT_ARGS, "--boxes", str(boxes)]) == 0
     out = capsys.readouterr().out
-    assert "teacher, final, filtered" in out and "student" in out
+    assert "teacher, final, filtered" in out and "student  -  teacher, final, filtered" in out  # paired section
     root = student_dir(EXP)
     ckpt = torch.load(root / "model.pt", weights_only=True)
     assert {"model", "config", "history"} <= set(ckpt) and len(ckpt["history"]) == 20
@@ -177,6 +177,7 @@ def test_student_stage_end_to_end_resume_and_table(work, load_script, capsys, tm
     rows = localization_table(EXP, "test", boxes, n_boot=50)
     assert rows[-1]["method"] == "student" and all(r["studies"] == len(studies) for r in rows)
     assert "F1" in format_table(rows)
+    _bench_localize_with_two_students(boxes, root, tmp_path, capsys, rows)
     # the report's side-by-side panels: truth boxes, teacher pseudo-mask, student prediction
     from pe.report.localization import localization_section
 
@@ -192,6 +193,31 @@ def test_student_stage_end_to_end_resume_and_table(work, load_script, capsys, tm
         sop = idx.loc[(idx[STUDY] == study) & (idx["slice_index"] == k), "SOPInstanceUID"].iloc[0]
         assert n_boxes == (truth["SOPInstanceUID"] == sop).sum() > 0 and student_px != "n/a"
     assert localization_section("no_such_exp", tmp_path, {}) is None
+
+
+def _bench_localize_with_two_students(boxes: Path, root: Path, tmp_path: Path, capsys, rows: list[dict]) -> None:
+    """bench/bench_localize.py scores named student folders and prints / writes their paired differences."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_localize", paths.REPO_ROOT / "bench" / "bench_localize.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    csv = tmp_path / "loc.csv"
+    args = ["--exp", EXP, "--split", "test", "--boxes", str(boxes), "--n-boot", "50", "--csv", str(csv)]
+    assert bench.main([*args, "--student", f"a={root}", "--student", f"b={root}"]) == 0
+    out = capsys.readouterr().out
+    assert "b  -  a" in out and "a  -  teacher, final, filtered" in out
+    table = pd.read_csv(csv)
+    assert table["method"].tolist()[-2:] == ["a", "b"] and len(table) == len(rows) + 1
+    paired = pd.read_csv(tmp_path / "loc_paired.csv").set_index("method")
+    assert paired.loc["b  -  a", ["f1", "f1_low", "f1_high"]].tolist() == [0.0, 0.0, 0.0]  # the same folder twice
+    by = table.set_index("method")
+    assert paired.loc["a  -  teacher, final, filtered", "f1"] == pytest.approx(
+        by.loc["a", "f1"] - by.loc["teacher, final, filtered", "f1"])
+    with pytest.raises(SystemExit, match="NAME=DIR"):
+        bench.main([*args, "--student", str(root)])
+    with pytest.raises(SystemExit, match="taken"):
+        bench.main([*args, "--student", f"teacher={root}"])
 
 
 @pytest.fixture(scope="module")

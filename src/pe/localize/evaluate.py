@@ -8,7 +8,8 @@ embolus count too: each cluster predicted there is a false positive.
 
 Rows of :func:`localization_table`: the teacher after refinement round k (filtered; Table II), the
 teacher's final masks without and with the filter (Table III), and the student (Tables IV-V), each
-with its mean seconds per study.
+with its mean seconds per study. Below them, :func:`paired_rows`: differences between rows (the paper's
+teacher findings, student against teacher) with a paired bootstrap over the studies both scored.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pe.localize.clusters import (
     filter_clusters,
     label_clusters,
     match_clusters,
+    paired_difference,
     per_study_table,
     pooled_scores,
 )
@@ -67,10 +69,11 @@ def score_volumes(studies: list[str], predict: Callable[[str], np.ndarray], trut
 
 
 def _row(method: str, table: pd.DataFrame, seconds: float, n_boot: int, seed: int) -> dict:
+    """A table row; ``table`` (the per-study counts) is kept for the paired comparisons."""
     ci = pooled_scores(table, n_boot=n_boot, seed=seed)
     return {"method": method, "studies": len(table), "emboli": int(table["n_true"].sum()),
             "clusters": int(table["n_pred"].sum()), "sensitivity": ci["sensitivity"], "ppv": ci["ppv"],
-            "f1": ci["f1"], "seconds_per_study": seconds}
+            "f1": ci["f1"], "seconds_per_study": seconds, "table": table}
 
 
 def _seconds(root: Path) -> float:
@@ -125,24 +128,78 @@ def format_table(rows: list[dict]) -> str:
 
 
 def localization_table(exp: str, split: str, boxes_csv: str | Path, flt_cfg: TeacherStageConfig | None = None,
-                       n_boot: int = 1000, seed: int = 0) -> list[dict]:
-    """Teacher rows (Tables II-III) and the student row (IV-V) of ``exp`` on ``split``."""
+                       n_boot: int = 1000, seed: int = 0,
+                       students: dict[str, str | Path] | None = None) -> list[dict]:
+    """Teacher rows (Tables II-III) and student rows (IV-V) of ``exp`` on ``split``. ``students`` maps a
+    row name to a stage-12 output folder (default ``{"student": work/localize/<exp>/student}``)."""
     from pe.localize.student_stage import student_dir
     from pe.localize.teacher_stage import teacher_dir
 
     truth = Truth.for_split(split, boxes_csv)
     rows = teacher_rows(teacher_dir(exp, split), truth, flt_cfg or TeacherStageConfig(), n_boot, seed)
-    rows += store_rows("student", student_dir(exp) / split, truth, n_boot, seed)
+    for name, root in (students or {"student": student_dir(exp)}).items():
+        rows += store_rows(name, Path(root) / split, truth, n_boot, seed)
     if not rows:
         raise FileNotFoundError(f"no teacher or student output of {exp} on {split} (run src/11_pseudo_masks.py)")
     return rows
 
 
+TEACHER_FINAL = "teacher, final, filtered"
+
+
+def comparisons(rows: list[dict]) -> list[tuple[str, str]]:
+    """The (b, a) pairs to report as b - a: the paper's teacher findings (a second refinement round,
+    the size/distance filter), each student against the final filtered teacher, and later students
+    against the first one."""
+    names = [r["method"] for r in rows]
+    pairs = [("teacher, round <= 2, filtered", "teacher, round <= 1, filtered"),
+             (TEACHER_FINAL, "teacher, final, unfiltered")]
+    students = [n for n in names if not n.startswith("teacher")]
+    pairs += [(s, TEACHER_FINAL) for s in students]
+    pairs += [(s, students[0]) for s in students[1:]]
+    return [(b, a) for b, a in pairs if b in names and a in names]
+
+
+def paired_rows(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """Paired differences b - a of sensitivity / PPV / F1 over the studies both rows scored
+    (:func:`pe.localize.clusters.paired_difference`), for the pairs of :func:`comparisons`."""
+    by = {r["method"]: r for r in rows}
+    out = []
+    for b, a in comparisons(rows):
+        ci = paired_difference(by[a]["table"], by[b]["table"], n_boot=n_boot, seed=seed)
+        common = len(set(by[a]["table"]["StudyInstanceUID"]) & set(by[b]["table"]["StudyInstanceUID"]))
+        out.append({"method": f"{b}  -  {a}", "studies": common, **ci})
+    return out
+
+
+def format_paired(pairs: list[dict]) -> str:
+    """The paired differences as a text table; 'excl. 0' marks an F1 interval that excludes 0."""
+    head = f"{'difference (b - a, paired over studies)':<72} {'studies':>7}  {'sensitivity':<24} {'PPV':<24} {'F1':<24}"
+    lines = [head, "-" * len(head)]
+    for r in pairs:
+        f1 = r["f1"]
+        mark = "  excl. 0" if f1.low > 0 or f1.high < 0 else ""
+        lines.append(f"{r['method']:<72} {r['studies']:>7}  {_signed(r['sensitivity']):<24} {_signed(r['ppv']):<24} "
+                     f"{_signed(f1):<24}{mark}")
+    return "\n".join(lines)
+
+
+def _signed(ci) -> str:
+    return f"{ci.estimate:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}]"
+
+
+def format_report(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> str:
+    """The table and, where it has pairs to compare, the paired differences below it."""
+    pairs = paired_rows(rows, n_boot, seed)
+    return format_table(rows) + ("\n\n" + format_paired(pairs) if pairs else "")
+
+
 def rows_frame(rows: list[dict]) -> pd.DataFrame:
-    """Rows with the intervals split into estimate / low / high columns (for CSV/JSON)."""
+    """Rows (of the table or of :func:`paired_rows`) with the intervals split into estimate / low / high
+    columns (for CSV/JSON)."""
     out = []
     for r in rows:
-        d = {k: r[k] for k in ("method", "studies", "emboli", "clusters", "seconds_per_study")}
+        d = {k: r.get(k) for k in ("method", "studies", "emboli", "clusters", "seconds_per_study")}
         for m in ("sensitivity", "ppv", "f1"):
             d[m], d[f"{m}_low"], d[f"{m}_high"] = r[m].estimate, r[m].low, r[m].high
         out.append(d)
