@@ -1,7 +1,8 @@
 """Stage 12: the 3D segmentation student on the teacher's pseudo-masks (condrea2024 stage 3).
 
-Reads  work/localize/<exp>/teacher/train/masks (stage 11), the JPEG cache and metadata of the
-       stage-04 experiment <exp>.
+Reads  work/localize/<exp>/teacher/train/masks (stage 11; with --train-boxes CSV the box truth of the
+       train split instead: the oracle student), the JPEG cache and metadata of the stage-04
+       experiment <exp>.
 Writes work/localize/<exp>/student/model.pt (reused unless --retrain) and, per split,
        work/localize/<exp>/student/<split>/masks/ (predicted clusters, resumable per study),
        .../clusters.csv (3D clusters with a score per study) and .../timings.csv.
@@ -10,6 +11,8 @@ localisation table of teacher and student (bench/bench_localize.py prints the sa
 
     python src/12_train_student.py --exp demo_n3 --splits test
     python src/12_train_student.py --exp demo_n3 --splits test --boxes input/phantom/phantom_test_boxes.csv
+    python src/12_train_student.py --exp demo_n3 --train-boxes input/phantom/train_boxes.csv \
+        --out work/demo/localize/demo_n3/student_oracle
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-boxes", default=None, metavar="CSV",
+                    help="train on this box truth of the train split instead of the teacher's pseudo-masks "
+                         "(the oracle student; use its own --out)")
     ap.add_argument("--boxes", default=None, help="box truth CSV of the last split: print the localisation table")
     a = ap.parse_args(argv)
     if a.threads:
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     seg = Seg3DConfig(filters=tuple(a.filters))
     cfg = StudentStageConfig(student=student, seg=seg, min_voxels_512=a.min_voxels, max_dist_512=a.max_dist,
                              max_studies=a.max_studies, retrain=a.retrain,
-                             cache_dir=a.cache_dir)
+                             cache_dir=a.cache_dir, train_boxes=a.train_boxes)
     out = run_student(a.exp, tuple(a.splits), cfg, out=a.out)
     print(f"student: {out}")
     if a.boxes:

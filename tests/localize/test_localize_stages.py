@@ -195,6 +195,37 @@ def test_student_stage_end_to_end_resume_and_table(work, load_script, capsys, tm
     assert localization_section("no_such_exp", tmp_path, {}) is None
 
 
+def test_oracle_student_trains_on_the_box_truth(work, load_script, tmp_path):
+    """--train-boxes: the student's targets are the train split's true emboli, whatever stage 11 wrote."""
+    from pe.data.cache import load_index
+    from pe.localize.frames import lung_boxes
+    from pe.localize.student_stage import _training_set
+
+    train_boxes = work["phantom"] / "train_boxes.csv"
+    index, boxes = load_index(work["cache"]), lung_boxes(work["cache"])
+    source, vols, masks = _training_set(EXP, work["cache"], index, boxes, str(train_boxes))
+    truth = Truth.for_split("train", train_boxes)
+    boxed = set(pd.read_csv(train_boxes, dtype=str)["SOPInstanceUID"])
+    meta = pd.read_parquet(paths.meta_path("train"))
+    n_pos = meta.loc[meta["SOPInstanceUID"].isin(boxed), STUDY].nunique()
+    n_neg = meta[STUDY].nunique() - n_pos
+    assert source == str(train_boxes) and len(vols) == len(masks) == n_pos + min(n_pos, n_neg)
+    assert sum(m.any() for m in masks) == n_pos
+    studies = sorted(meta.loc[meta["SOPInstanceUID"].isin(boxed), STUDY].unique())
+    first = [m for m in masks if m.any()][0]
+    assert np.array_equal(first, truth.labels(studies[0], first.shape) > 0) and first.shape == vols[0].shape
+    out = tmp_path / "oracle"
+    assert load_script("12_train_student.py").main(["--exp", EXP, *STUDENT_ARGS, "--out", str(out),
+                                                   "--train-boxes", str(train_boxes)]) == 0
+    ckpt = torch.load(out / "model.pt", weights_only=True)
+    assert ckpt["trained_on"] == str(train_boxes) and ckpt["train_studies"] == len(vols)
+    assert PseudoMaskStore(out / "test" / "masks").done()
+    empty = tmp_path / "no_boxes.csv"
+    empty.write_text("SOPInstanceUID,x,y,width,height\n")
+    with pytest.raises(ValueError, match="every training mask is empty"):
+        _training_set(EXP, work["cache"], index, boxes, str(empty))
+
+
 def _bench_localize_with_two_students(boxes: Path, root: Path, tmp_path: Path, capsys, rows: list[dict]) -> None:
     """bench/bench_localize.py scores named student folders and prints / writes their paired differences."""
     import importlib.util

@@ -4,7 +4,10 @@ Inputs are cache-frame volumes in the paper's PE window (:func:`pe.localize.fram
 targets the stage-11 pseudo-masks of the train split (``work/localize/<exp>/teacher/train/masks``).
 Training is :func:`pe.localize.student.train_student` (MONAI DynUNet, balanced crops, Generalized
 Dice (+ CE), mixup, AdamW warm-up + cosine); every study with a non-empty pseudo-mask is used, plus
-as many studies without one (so background crops include whole negative studies).
+as many studies without one (so background crops include whole negative studies). With
+``train_boxes`` (a box truth CSV of the train split, e.g. the phantom's ``train_boxes.csv``) the
+targets are the true emboli instead: the *oracle* student, which tells how much of the student's gap
+to its teacher comes from the pseudo-labels rather than from the student's recipe.
 
 Output under ``work/localize/<exp>/student/``: ``model.pt`` (``{"model", "config", "history"}``,
 loads with ``weights_only=True``; an existing one is reused unless ``retrain``), and per split
@@ -55,6 +58,9 @@ class StudentStageConfig:
     max_studies: int | None = None  # first N (sorted ids) of each split to predict: smoke runs
     retrain: bool = False
     cache_dir: str | None = None  # default: the cache of the stage-04 experiment's config
+    # Box truth CSV of the train split: train on it instead of the teacher's pseudo-masks (the oracle
+    # student of the benchmark: how much of the student's gap to its teacher the pseudo-labels cause).
+    train_boxes: str | None = None
 
     def cluster_filter(self, size: int) -> ClusterFilter:
         return TeacherStageConfig(min_voxels_512=self.min_voxels_512, max_dist_512=self.max_dist_512).cluster_filter(size)
@@ -78,27 +84,51 @@ def load_student(path: Path) -> tuple[torch.nn.Module, StudentConfig, Seg3DConfi
     return model.eval(), scfg, seg
 
 
-def _training_set(exp: str, cache_dir: Path, index, boxes) -> tuple[list, list]:
+def _teacher_targets(exp: str) -> tuple[str, list[tuple[str, np.ndarray]]]:
     """Every training study the teacher has labelled (its own --max-studies bounds them; the student's
     cap is for the studies it predicts)."""
     store = PseudoMaskStore(teacher_dir(exp, "train") / "masks")
     studies = sorted(store.done())
     if not studies:
         raise FileNotFoundError(f"{store.root}: no pseudo-masks (run src/11_pseudo_masks.py --split train)")
-    pos, neg = [], []
-    for s in studies:
-        labels, _ = store.read(s)
-        (pos if labels.any() else neg).append((s, labels))
+    return str(store.root), [(s, store.read(s)[0]) for s in studies]
+
+
+def _truth_targets(train_boxes: str, cache_dir: Path, index, boxes) -> tuple[str, list[tuple[str, np.ndarray]]]:
+    """Every cached training study with its box truth as the mask (empty where it has no box)."""
+    import pandas as pd
+
+    from pe import paths
+    from pe.localize.frames import read_truth_boxes, truth_labels
+    from pe.rspect import SOP, STUDY
+
+    studies = sorted(set(_split_studies("train")) & set(index[STUDY].astype(str)))
+    if not studies:
+        raise FileNotFoundError(f"{cache_dir}: no study of the train metadata is cached")
+    meta = pd.read_parquet(paths.meta_path("train"), columns=[STUDY, SOP, "slice_index", "rows", "columns"])
+    truth = read_truth_boxes(train_boxes)
+    size = study_volume(cache_dir, studies[0], index, boxes).images.shape[1]
+    n_slices = index.groupby(STUDY).size()
+    return str(train_boxes), [(s, truth_labels(truth, meta, s, int(n_slices[s]), size)) for s in studies]
+
+
+def _training_set(exp: str, cache_dir: Path, index, boxes, train_boxes: str | None = None) -> tuple[str, list, list]:
+    """(where the targets came from, volumes, masks): every study with a non-empty target plus as many
+    without one."""
+    source, targets = (_teacher_targets(exp) if train_boxes is None
+                       else _truth_targets(train_boxes, cache_dir, index, boxes))
+    pos = [(s, lab) for s, lab in targets if lab.any()]
+    neg = [(s, lab) for s, lab in targets if not lab.any()]
     if not pos:
-        raise ValueError(f"{store.root}: every pseudo-mask is empty; nothing to learn from")
+        raise ValueError(f"{source}: every training mask is empty; nothing to learn from")
     vols, masks = [], []
     for s, labels in pos + neg[: len(pos)]:
         v = pe_window(study_volume(cache_dir, s, index, boxes).images)
         if v.shape != labels.shape:
-            raise ValueError(f"study {s}: cache volume {v.shape} but pseudo-mask {labels.shape}")
+            raise ValueError(f"study {s}: cache volume {v.shape} but training mask {labels.shape}")
         vols.append(v)
         masks.append(labels > 0)
-    return vols, masks
+    return source, vols, masks
 
 
 def fit_or_load(exp: str, cfg: StudentStageConfig, out: Path, cache_dir: Path, index, boxes):
@@ -108,14 +138,14 @@ def fit_or_load(exp: str, cfg: StudentStageConfig, out: Path, cache_dir: Path, i
         print(f"{path}: reusing the trained student", file=sys.stderr)
         return load_student(path)[0]
     t0 = time.perf_counter()
-    vols, masks = _training_set(exp, cache_dir, index, boxes)
+    source, vols, masks = _training_set(exp, cache_dir, index, boxes, cfg.train_boxes)
     with warnings.catch_warnings():  # crops of negative studies: MONAI warns that it cannot balance them
         warnings.filterwarnings("ignore", message="Num foregrounds 0")
         model, history = train_student(vols, masks, cfg.student, cfg.seg)
     ckpt = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "config": {"student": dataclasses.asdict(cfg.student), "seg": dataclasses.asdict(cfg.seg)},
             "history": [float(h) for h in history], "train_seconds": time.perf_counter() - t0,
-            "train_studies": len(vols)}
+            "train_studies": len(vols), "trained_on": source}
     path.parent.mkdir(parents=True, exist_ok=True)
     # Predictions of an earlier student are stale now: remove them so that every study is predicted anew.
     for stale in sorted(p for p in out.iterdir() if (p / "masks").is_dir()):
@@ -123,7 +153,7 @@ def fit_or_load(exp: str, cfg: StudentStageConfig, out: Path, cache_dir: Path, i
         shutil.rmtree(stale)
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
-    print(f"student trained on {len(vols)} studies in {ckpt['train_seconds']:.1f} s: loss "
+    print(f"student trained on {len(vols)} studies ({source}) in {ckpt['train_seconds']:.1f} s: loss "
           f"{np.mean(history[:10]):.3f} -> {np.mean(history[-10:]):.3f}", file=sys.stderr)
     return model
 
