@@ -167,7 +167,7 @@ def paired_rows(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> list[dic
     out = []
     for b, a in comparisons(rows):
         ci = paired_difference(by[a]["table"], by[b]["table"], n_boot=n_boot, seed=seed)
-        common = len(set(by[a]["table"]["StudyInstanceUID"]) & set(by[b]["table"]["StudyInstanceUID"]))
+        common = len(set(by[a]["table"][STUDY]) & set(by[b]["table"][STUDY]))
         out.append({"method": f"{b}  -  {a}", "studies": common, **ci})
     return out
 
