@@ -2,22 +2,22 @@
 # condrea2024's localisation tables on the benchmark phantom, with a quality-benchmark CNN: stage 11 teacher on
 # both splits, stage 12 student(s), bench/bench_localize.py (the table and its paired differences).
 #   bash bench/localize_run.sh RUN_FOLDER [TEST_STUDIES|all] [TRAIN_STUDIES|all]
-#   ITERS="300 1200" ORACLE_ITERS=300 bash bench/localize_run.sh RUN_FOLDER all all
+#   ITERS="300 1200" ORACLE_ITERS="300 1200" bash bench/localize_run.sh RUN_FOLDER all all
 # RUN_FOLDER: a finished benchmark run with a stage-04 experiment "cnn",
 #   reports/bench-quality/<out>/runs/cnn-<key>-s<seed> (the phantom is input/bench-phantom; PE_DATA_DIR overrides).
 # TEST_STUDIES / TRAIN_STUDIES: the first N studies of each split (default 10 / 24, the 2026-11-28 subset), or "all".
-# ITERS: one student per value, trained on the teacher's pseudo-masks (folder student for 300, student_it<N> else).
-# ORACLE_ITERS: oracle students trained on the train split's box truth (student_oracle, student_oracle_it<N>).
+# ITERS: one student per value (default 1200, stage 12's), trained on the teacher's pseudo-masks: student_it<N>.
+# ORACLE_ITERS: oracle students trained on the train split's box truth: student_oracle_it<N>.
 # Outputs go under RUN_FOLDER/work/localize/cnn/; finished studies and trained students are reused (stage 12
 # retrains only a missing model.pt). Time on 2 CPU cores (2026-12-07, centre-slice CNN): the teacher ~5 s per
-# study (IG 8 steps, 3 rounds; all 240 studies in 15 min), a student 90 s per 300 iterations plus ~5 s per
-# predicted study.
+# study (IG 8 steps, 3 rounds; all 240 studies in 15 min), a student ~5.5 min for 1,200 iterations plus ~5 s
+# per predicted study.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:?give a finished quality-benchmark run folder (reports/bench-quality/<out>/runs/cnn-<key>-s<seed>)}
 NTEST=${2:-10}
 NTRAIN=${3:-24}
-ITERS=${ITERS:-300}
+ITERS=${ITERS:-1200}
 ORACLE_ITERS=${ORACLE_ITERS:-}
 if [ ! -d "$RUN/work/models/cnn" ]; then
     echo "$RUN: no stage-04 experiment 'cnn' there; give a finished quality-benchmark run folder" \
@@ -40,10 +40,10 @@ student() {  # name iterations [extra stage-12 arguments]
     STUDENTS+=(--student "$name=$LOC/$name")
 }
 for it in $ITERS; do
-    student "$([ "$it" = 300 ] && echo student || echo "student_it$it")" "$it"
+    student "student_it$it" "$it"
 done
 for it in $ORACLE_ITERS; do
-    student "$([ "$it" = 300 ] && echo student_oracle || echo "student_oracle_it$it")" "$it" \
+    student "student_oracle_it$it" "$it" \
         --train-boxes "$PE_DATA_DIR/train_boxes.csv"
 done
 $PY bench/bench_localize.py --exp cnn --split test --boxes "$PE_DATA_DIR/phantom_test_boxes.csv" "${STUDENTS[@]}" \

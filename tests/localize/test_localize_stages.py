@@ -224,6 +224,18 @@ def test_oracle_student_trains_on_the_box_truth(work, load_script, tmp_path):
     empty.write_text("SOPInstanceUID,x,y,width,height\n")
     with pytest.raises(ValueError, match="every training mask is empty"):
         _training_set(EXP, work["cache"], index, boxes, str(empty))
+    with pytest.raises(ValueError, match="not both"):
+        _training_set(EXP, work["cache"], index, boxes, str(train_boxes), str(teacher_dir(EXP, "train")))
+    # --teacher-out: another stage-11 output folder of the train split is read instead of the default one
+    load_script("11_pseudo_masks.py").main(["--exp", EXP, "--split", "train", *work["teacher_args"]])
+    moved = tmp_path / "teacher_elsewhere"
+    shutil.copytree(teacher_dir(EXP, "train"), moved)
+    src_default, _, m_default = _training_set(EXP, work["cache"], index, boxes)
+    src_moved, _, m_moved = _training_set(EXP, work["cache"], index, boxes, None, str(moved))
+    assert src_moved == str(moved / "masks") != src_default
+    assert len(m_moved) == len(m_default) and all(np.array_equal(a, b) for a, b in zip(m_moved, m_default, strict=True))
+    with pytest.raises(FileNotFoundError, match="no pseudo-masks"):
+        _training_set(EXP, work["cache"], index, boxes, None, str(tmp_path / "empty_teacher"))
 
 
 def _bench_localize_with_two_students(boxes: Path, root: Path, tmp_path: Path, capsys, rows: list[dict]) -> None:

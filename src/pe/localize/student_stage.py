@@ -61,6 +61,9 @@ class StudentStageConfig:
     # Box truth CSV of the train split: train on it instead of the teacher's pseudo-masks (the oracle
     # student of the benchmark: how much of the student's gap to its teacher the pseudo-labels cause).
     train_boxes: str | None = None
+    # Another stage-11 output of the train split to learn from (its masks/ folder; e.g. a teacher run at
+    # another operating point written with 11_pseudo_masks.py --out). Default: work/localize/<exp>/teacher/train.
+    teacher_out: str | None = None
 
     def cluster_filter(self, size: int) -> ClusterFilter:
         return TeacherStageConfig(min_voxels_512=self.min_voxels_512, max_dist_512=self.max_dist_512).cluster_filter(size)
@@ -84,10 +87,10 @@ def load_student(path: Path) -> tuple[torch.nn.Module, StudentConfig, Seg3DConfi
     return model.eval(), scfg, seg
 
 
-def _teacher_targets(exp: str) -> tuple[str, list[tuple[str, np.ndarray]]]:
+def _teacher_targets(exp: str, teacher_out: str | None = None) -> tuple[str, list[tuple[str, np.ndarray]]]:
     """Every training study the teacher has labelled (its own --max-studies bounds them; the student's
     cap is for the studies it predicts)."""
-    store = PseudoMaskStore(teacher_dir(exp, "train") / "masks")
+    store = PseudoMaskStore(Path(teacher_out or teacher_dir(exp, "train")) / "masks")
     studies = sorted(store.done())
     if not studies:
         raise FileNotFoundError(f"{store.root}: no pseudo-masks (run src/11_pseudo_masks.py --split train)")
@@ -112,10 +115,13 @@ def _truth_targets(train_boxes: str, cache_dir: Path, index, boxes) -> tuple[str
     return str(train_boxes), [(s, truth_labels(truth, meta, s, int(n_slices[s]), size)) for s in studies]
 
 
-def _training_set(exp: str, cache_dir: Path, index, boxes, train_boxes: str | None = None) -> tuple[str, list, list]:
+def _training_set(exp: str, cache_dir: Path, index, boxes, train_boxes: str | None = None,
+                  teacher_out: str | None = None) -> tuple[str, list, list]:
     """(where the targets came from, volumes, masks): every study with a non-empty target plus as many
     without one."""
-    source, targets = (_teacher_targets(exp) if train_boxes is None
+    if train_boxes is not None and teacher_out is not None:
+        raise ValueError("train on box truth or on a teacher's pseudo-masks, not both")
+    source, targets = (_teacher_targets(exp, teacher_out) if train_boxes is None
                        else _truth_targets(train_boxes, cache_dir, index, boxes))
     pos = [(s, lab) for s, lab in targets if lab.any()]
     neg = [(s, lab) for s, lab in targets if not lab.any()]
@@ -138,7 +144,7 @@ def fit_or_load(exp: str, cfg: StudentStageConfig, out: Path, cache_dir: Path, i
         print(f"{path}: reusing the trained student", file=sys.stderr)
         return load_student(path)[0]
     t0 = time.perf_counter()
-    source, vols, masks = _training_set(exp, cache_dir, index, boxes, cfg.train_boxes)
+    source, vols, masks = _training_set(exp, cache_dir, index, boxes, cfg.train_boxes, cfg.teacher_out)
     with warnings.catch_warnings():  # crops of negative studies: MONAI warns that it cannot balance them
         warnings.filterwarnings("ignore", message="Num foregrounds 0")
         model, history = train_student(vols, masks, cfg.student, cfg.seg)
