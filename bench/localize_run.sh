@@ -10,7 +10,7 @@
 # ORACLE_ITERS: oracle students trained on the train split's box truth: student_oracle_it<N>.
 # Outputs go under RUN_FOLDER/work/localize/cnn/; finished studies and trained students are reused (stage 12
 # retrains only a missing model.pt). Time on 2 CPU cores (2026-12-07, centre-slice CNN): the teacher ~5 s per
-# study (IG 8 steps, 3 rounds; all 240 studies in 15 min), a student ~5.5 min for 1,200 iterations plus ~5 s
+# study (IG 8 steps, 3 rounds; all 240 studies in 14 min), a student ~5.5 min for 1,200 iterations plus ~5 s
 # per predicted study.
 set -euo pipefail
 cd "$(dirname "$0")/.."
