@@ -58,11 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--student", action="append", default=None, metavar="NAME=DIR",
                     help="a stage-12 output folder to score as row NAME (repeatable; default: the stage's own "
                          "folder as 'student'); later students are also compared with the first")
+    ap.add_argument("--teacher-out", default=None, metavar="DIR",
+                    help="the teacher's stage-11 output folder of the split (default work/localize/<exp>/teacher/<split>; "
+                         "e.g. one written with 11_pseudo_masks.py --out)")
     ap.add_argument("--csv", default=None, help="also write the rows (estimates and interval bounds) here, "
                                                 "and the paired differences to <stem>_paired.csv")
     a = ap.parse_args(argv)
     flt = TeacherStageConfig(min_voxels_512=a.min_voxels, max_dist_512=a.max_dist)
-    rows = localization_table(a.exp, a.split, a.boxes, flt, n_boot=a.n_boot, students=_students(a.student))
+    rows = localization_table(a.exp, a.split, a.boxes, flt, n_boot=a.n_boot, students=_students(a.student),
+                              teacher_out=a.teacher_out)
     print(f"localisation of {a.exp} on {a.split} (Pu et al. matching, 95 % bootstrap intervals over studies)")
     print(format_report(rows, n_boot=a.n_boot))
     if a.csv:

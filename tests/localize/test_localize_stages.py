@@ -257,6 +257,15 @@ def _bench_localize_with_two_students(boxes: Path, root: Path, tmp_path: Path, c
     by = table.set_index("method")
     assert paired.loc["a  -  teacher, final, filtered", "f1"] == pytest.approx(
         by.loc["a", "f1"] - by.loc["teacher, final, filtered", "f1"])
+    # --teacher-out: the teacher rows come from another stage-11 folder (a copy here: the same rows)
+    from pe.localize.teacher_stage import teacher_dir as _teacher_dir
+
+    moved = tmp_path / "teacher_copy"
+    shutil.copytree(_teacher_dir(EXP, "test"), moved)
+    csv2 = tmp_path / "loc2.csv"
+    assert bench.main([*args[:-1], str(csv2), "--teacher-out", str(moved), "--student", f"a={root}"]) == 0
+    again = pd.read_csv(csv2).set_index("method")
+    assert again.loc["teacher, final, filtered", "f1"] == by.loc["teacher, final, filtered", "f1"]
     with pytest.raises(SystemExit, match="NAME=DIR"):
         bench.main([*args, "--student", str(root)])
     with pytest.raises(SystemExit, match="taken"):

@@ -128,15 +128,17 @@ def format_table(rows: list[dict]) -> str:
 
 
 def localization_table(exp: str, split: str, boxes_csv: str | Path, flt_cfg: TeacherStageConfig | None = None,
-                       n_boot: int = 1000, seed: int = 0,
-                       students: dict[str, str | Path] | None = None) -> list[dict]:
+                       n_boot: int = 1000, seed: int = 0, students: dict[str, str | Path] | None = None,
+                       teacher_out: str | Path | None = None) -> list[dict]:
     """Teacher rows (Tables II-III) and student rows (IV-V) of ``exp`` on ``split``. ``students`` maps a
-    row name to a stage-12 output folder (default ``{"student": work/localize/<exp>/student}``)."""
+    row name to a stage-12 output folder (default ``{"student": work/localize/<exp>/student}``);
+    ``teacher_out`` is a stage-11 output folder of ``split`` (default work/localize/<exp>/teacher/<split>)."""
     from pe.localize.student_stage import student_dir
     from pe.localize.teacher_stage import teacher_dir
 
     truth = Truth.for_split(split, boxes_csv)
-    rows = teacher_rows(teacher_dir(exp, split), truth, flt_cfg or TeacherStageConfig(), n_boot, seed)
+    teacher = Path(teacher_out) if teacher_out is not None else teacher_dir(exp, split)
+    rows = teacher_rows(teacher, truth, flt_cfg or TeacherStageConfig(), n_boot, seed)
     for name, root in (students or {"student": student_dir(exp)}).items():
         rows += store_rows(name, Path(root) / split, truth, n_boot, seed)
     if not rows:
