@@ -327,7 +327,7 @@ def _call_lines(r: Mapping[str, Any], by_cnn: Mapping[tuple[str, ...], list[str]
 def _label_loss_lines(r: Mapping[str, Any], w: int) -> list[str]:
     """The metric split by label: the baseline's contribution of each label (they sum to its metric) and
     each variant's paired difference, so a variant's change of the metric can be traced to its labels."""
-    names = [n for n in r["paired"] if "loss:" + bm.LABELS[0] in r["paired"][n]]
+    names = [n for n in r["paired"] if LOSS_KEYS[0] in r["paired"][n]]
     if not names:
         return []
     w = max(w, 22)

@@ -162,10 +162,8 @@ def paired_difference(table_a: pd.DataFrame, table_b: pd.DataFrame, n_boot: int 
     counts = np.hstack([a.loc[common].to_numpy(float), b.loc[common].to_numpy(float)])
 
     def diff(stat: str):
-        def fn(rows: np.ndarray) -> float:
-            sa, sb = rows[:, :3].sum(axis=0), rows[:, 3:].sum(axis=0)
-            return scores_from_counts(*sb)[stat] - scores_from_counts(*sa)[stat]
-        return fn
+        pooled = _pooled(stat)
+        return lambda rows: pooled(rows[:, 3:]) - pooled(rows[:, :3])
 
     return {s: bootstrap_ci(counts, diff(s), n_boot=n_boot, seed=seed, alpha=alpha)
             for s in ("sensitivity", "ppv", "f1")}

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pe import paths
 from pe.localize.clusters import (
     filter_clusters,
     label_clusters,
@@ -29,34 +28,12 @@ from pe.localize.clusters import (
     per_study_table,
     pooled_scores,
 )
-from pe.localize.frames import read_truth_boxes, truth_labels
+from pe.localize.frames import Truth
 from pe.localize.pseudo_io import PseudoMaskStore
 from pe.localize.teacher_stage import TeacherStageConfig
-from pe.rspect import SOP, STUDY
+from pe.rspect import STUDY
 
 TABLE_COLUMNS = ["method", "studies", "emboli", "clusters", "sensitivity", "ppv", "f1", "seconds_per_study"]
-
-
-class Truth:
-    """Box truth of one split, rasterised per study on demand (and kept)."""
-
-    def __init__(self, boxes_csv: str | Path, meta: pd.DataFrame) -> None:
-        self.boxes = read_truth_boxes(boxes_csv)
-        self.meta = meta
-        self._cache: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
-
-    @classmethod
-    def for_split(cls, split: str, boxes_csv: str | Path) -> Truth:
-        cols = [STUDY, SOP, "slice_index", "rows", "columns"]
-        return cls(boxes_csv, pd.read_parquet(paths.meta_path(split), columns=cols))
-
-    def labels(self, study: str, shape: tuple[int, ...]) -> np.ndarray:
-        key = (study, tuple(shape))
-        if key not in self._cache:
-            if shape[1] != shape[2]:
-                raise ValueError(f"study {study}: cache-frame volumes are square, got {shape}")
-            self._cache[key] = truth_labels(self.boxes, self.meta, study, shape[0], shape[1])
-        return self._cache[key]
 
 
 def score_volumes(studies: list[str], predict: Callable[[str], np.ndarray], truth: Truth) -> pd.DataFrame:

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from pe import paths
 from pe.data.cache import load_boxes, load_study_images
 from pe.data.slices import clip_box
 from pe.data.windows import WINDOWS
@@ -115,3 +116,30 @@ def truth_labels(boxes: pd.DataFrame, meta: pd.DataFrame, study: str, n_slices: 
         sx, sy = size / float(r.columns), size / float(r.rows)
         rows.append((int(r.slice_index), r.x * sx, r.y * sy, (r.x + r.width) * sx, (r.y + r.height) * sy))
     return boxes_to_labels((n_slices, size, size), rows)
+
+
+class Truth:
+    """Box truth of one split, rasterised per study on demand (and kept)."""
+
+    def __init__(self, boxes_csv: str | Path, meta: pd.DataFrame) -> None:
+        self.boxes = read_truth_boxes(boxes_csv)
+        self.meta = meta
+        self._cache: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
+
+    @classmethod
+    def for_split(cls, split: str, boxes_csv: str | Path) -> Truth:
+        cols = [STUDY, SOP, "slice_index", "rows", "columns"]
+        return cls(boxes_csv, pd.read_parquet(paths.meta_path(split), columns=cols))
+
+    def labels(self, study: str, shape: tuple[int, ...], keep: bool = True) -> np.ndarray:
+        """The study's true emboli in the cache frame ``shape``; ``keep=False`` does not cache them (one
+        pass over many studies, e.g. the oracle student's training set)."""
+        key = (study, tuple(shape))
+        if key in self._cache:
+            return self._cache[key]
+        if shape[1] != shape[2]:
+            raise ValueError(f"study {study}: cache-frame volumes are square, got {shape}")
+        lab = truth_labels(self.boxes, self.meta, study, shape[0], shape[1])
+        if keep:
+            self._cache[key] = lab
+        return lab

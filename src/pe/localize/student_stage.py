@@ -99,20 +99,16 @@ def _teacher_targets(exp: str, teacher_out: str | None = None) -> tuple[str, lis
 
 def _truth_targets(train_boxes: str, cache_dir: Path, index, boxes) -> tuple[str, list[tuple[str, np.ndarray]]]:
     """Every cached training study with its box truth as the mask (empty where it has no box)."""
-    import pandas as pd
-
-    from pe import paths
-    from pe.localize.frames import read_truth_boxes, truth_labels
-    from pe.rspect import SOP, STUDY
+    from pe.localize.frames import Truth
+    from pe.rspect import STUDY
 
     studies = sorted(set(_split_studies("train")) & set(index[STUDY].astype(str)))
     if not studies:
         raise FileNotFoundError(f"{cache_dir}: no study of the train metadata is cached")
-    meta = pd.read_parquet(paths.meta_path("train"), columns=[STUDY, SOP, "slice_index", "rows", "columns"])
-    truth = read_truth_boxes(train_boxes)
+    truth = Truth.for_split("train", train_boxes)
     size = study_volume(cache_dir, studies[0], index, boxes).images.shape[1]
     n_slices = index.groupby(STUDY).size()
-    return str(train_boxes), [(s, truth_labels(truth, meta, s, int(n_slices[s]), size)) for s in studies]
+    return str(train_boxes), [(s, truth.labels(s, (int(n_slices[s]), size, size), keep=False)) for s in studies]
 
 
 def _training_set(exp: str, cache_dir: Path, index, boxes, train_boxes: str | None = None,
