@@ -11,6 +11,7 @@ Writes work/localize/<exp>/teacher/<split>/{masks,iters}/parts/<StudyInstanceUID
 
     python src/11_pseudo_masks.py --exp demo_n3 --split train
     python src/11_pseudo_masks.py --exp demo_n3 --split test --ig-steps 32 --max-iter 10
+    python src/11_pseudo_masks.py --exp demo_n3 --split train --gate-labels --out work/localize/demo_n3/gated/train
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="size filter at 512 px (scaled by (S/512)^2; 'none' = off)")
     ap.add_argument("--max-dist", type=_none_or_float, default=160.0,
                     help="distance filter at 512 px from the image centre (scaled by S/512; 'none' = off)")
+    ap.add_argument("--gate-labels", action="store_true",
+                    help="train split: explain only windows on slices labelled positive (pe_present_on_image) "
+                         "and keep no pseudo-voxel on a slice labelled negative (label gating; give --out so "
+                         "the ungated masks are not mixed with these)")
     ap.add_argument("--export-png", type=Path, metavar="DIR",
                     help="also write the pseudo-masks as DIR/<SOPInstanceUID>.png at the original size: the "
                          "mask-folder input of the attention loss (attention_source=DIR)")
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                             smoothgrad_samples=a.smoothgrad_samples, high=a.high, low=a.low, max_iter=a.max_iter,
                             min_new_voxels=a.min_new_voxels, agg_threshold=a.agg_threshold)
     cfg = TeacherStageConfig(teacher=teacher, min_voxels_512=a.min_voxels, max_dist_512=a.max_dist,
-                             max_studies=a.max_studies, device=a.device)
+                             max_studies=a.max_studies, device=a.device, gate_labels=a.gate_labels)
     out = run_teacher(a.exp, a.split, cfg, out=a.out)
     print(f"pseudo-masks: {out}")
     if a.export_png:

@@ -136,6 +136,30 @@ def test_teacher_stage_end_to_end_and_resume(work, load_script, capsys):
     assert part.stat().st_mtime_ns == mtime
 
 
+def test_label_gated_teacher_keeps_voxels_on_labelled_slices_only(work, load_script, tmp_path):
+    script = load_script("11_pseudo_masks.py")
+    assert script.main(["--exp", EXP, "--split", "train", *work["teacher_args"]]) == 0  # ungated (resumes)
+    out = tmp_path / "gated"
+    assert script.main(["--exp", EXP, "--split", "train", "--gate-labels", "--out", str(out),
+                        *work["teacher_args"]]) == 0
+    meta = pd.read_parquet(paths.meta_path("train"))
+    free, gated = PseudoMaskStore(teacher_dir(EXP, "train") / "iters"), PseudoMaskStore(out / "iters")
+    explained = {"free": 0, "gated": 0}
+    for s in sorted(meta[STUDY].unique()):
+        pos = meta[meta[STUDY] == s].sort_values("slice_index")["pe_present_on_image"].to_numpy() > 0.5
+        g, f = gated.read(s)[0] > 0, free.read(s)[0] > 0
+        assert not g[~pos].any() and not (g & ~f).any()  # only labelled slices, inside the ungated mask
+        extra, extra_free = PseudoMaskStore(out / "masks").extra(s), PseudoMaskStore(teacher_dir(EXP, "train") / "masks").extra(s)
+        assert extra["gated_slices"] == int((~pos).sum())
+        assert extra["positive_windows"] <= min(int(pos.sum()), extra_free["positive_windows"])
+        explained["free"] += extra_free["positive_windows"]
+        explained["gated"] += extra["positive_windows"]
+    assert 0 < explained["gated"] < explained["free"]  # the gate removed windows, and kept some
+    with pytest.raises(ValueError, match="train split only"):
+        script.main(["--exp", EXP, "--split", "test", "--gate-labels", "--out", str(tmp_path / "t"),
+                     *work["teacher_args"]])
+
+
 def test_high_sensitivity_operating_point_from_out_of_fold_probabilities(work) -> None:
     from pe.localize.teacher_stage import sensitivity_threshold
 

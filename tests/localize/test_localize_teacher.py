@@ -16,6 +16,7 @@ from pe.localize.teacher import (
     explain_study,
     refine_window,
     slice_offsets,
+    windows_to_explain,
 )
 
 BLOBS = [((10, 10), 1.0), ((30, 40), 0.9), ((45, 15), 0.8)]  # (y, x) centre, brightness
@@ -101,6 +102,30 @@ def test_explain_study_builds_a_3d_pseudo_mask_matching_the_embolus():
     # A size filter above the cluster's size removes it; rounds beyond 1 add nothing here.
     assert res.labels(flt=ClusterFilter(min_voxels=10_000, max_dist_px=None)).max() == 0
     assert (label_clusters(res.mask(up_to_iter=1)) > 0).sum() == (labels > 0).sum()
+
+
+def test_label_gate_explains_only_labelled_slices_and_drops_voxels_elsewhere():
+    n, size = 10, 48
+    g = torch.Generator().manual_seed(1)
+    vol = 0.02 * torch.randn((n, size, size), generator=g)
+    vol[4:7, 20:23, 25:28] = 1.0  # an embolus on slices 4..6
+    vol[0:3, 5:8, 5:8] = 1.0  # a bright spot on slices 0..2, which the labels call negative
+    idx = np.clip(np.arange(n)[:, None] + np.arange(-1, 2)[None], 0, n - 1)
+    inputs = vol[torch.from_numpy(idx)]
+    offsets = slice_offsets(1, windows=1)
+    free = explain_study(BlobMax(), inputs, _cfg(), channel_offsets=offsets)
+    assert 1 in free.windows and free.mask()[1, 5:8, 5:8].any()  # ungated: the spot is "found"
+    gate = np.zeros(n, bool)
+    gate[[4, 6]] = True  # slice 5 unlabelled on purpose: its voxels go, though windows 4 and 6 vote on it
+    res = explain_study(BlobMax(), inputs, _cfg(), channel_offsets=offsets, gate=gate)
+    assert set(res.windows) == {4, 6}
+    m = res.mask()
+    assert m[4].any() and m[6].any() and not m[~gate].any()
+    assert not (m & ~free.mask()).any()  # fewer voting windows: a subset of the ungated mask
+    assert windows_to_explain(np.array([0.9, 0.2, 0.7]), 0.5).tolist() == [0, 2]
+    assert windows_to_explain(np.array([0.9, 0.2, 0.7]), 0.5, np.array([False, True, True])).tolist() == [2]
+    with pytest.raises(ValueError, match="gate has 2 entries for 3 windows"):
+        windows_to_explain(np.array([0.9, 0.2, 0.7]), 0.5, np.array([True, True]))
 
 
 def test_fill_options_and_bad_inputs():

@@ -190,11 +190,14 @@ class TeacherResult:
     offsets: np.ndarray  # (D,) slice offset of each heatmap plane
     shape: tuple[int, int, int]  # (N, H, W) of the study
     cfg: TeacherConfig = field(repr=False, default_factory=TeacherConfig)
+    gate: np.ndarray | None = None  # (N,) bool image labels (label gating): no voxel on a slice labelled negative
 
     def mask(self, up_to_iter: int | None = None) -> np.ndarray:
-        """bool (N, H, W): Gaussian-weighted vote of the windows' masks (rounds <= ``up_to_iter``)."""
-        return aggregate_windows(self.windows, self.offsets, self.shape, self.cfg.agg_sigma,
-                                 self.cfg.agg_threshold, up_to_iter)
+        """bool (N, H, W): Gaussian-weighted vote of the windows' masks (rounds <= ``up_to_iter``),
+        without the slices the gate labels negative."""
+        m = aggregate_windows(self.windows, self.offsets, self.shape, self.cfg.agg_sigma,
+                              self.cfg.agg_threshold, up_to_iter)
+        return m if self.gate is None else m & np.asarray(self.gate, bool)[:, None, None]
 
     def labels(self, up_to_iter: int | None = None, flt: ClusterFilter | None = None) -> np.ndarray:
         """int32 (N, H, W) 3D clusters of :meth:`mask`, filtered by ``flt`` when given."""
@@ -228,21 +231,36 @@ def classify_windows(model: nn.Module, inputs: torch.Tensor, batch_size: int = 3
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
+def windows_to_explain(probs: np.ndarray, threshold: float, gate: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the windows the teacher explains: the CNN calls them positive (``probs >= threshold``)
+    and, with a ``gate`` (N,) bool (the slices' image labels, label gating), their centre slice is
+    labelled positive."""
+    keep = np.asarray(probs) >= threshold
+    if gate is not None:
+        gate = np.asarray(gate, bool)
+        if gate.shape != keep.shape:
+            raise ValueError(f"gate has {gate.shape[0] if gate.ndim else 0} entries for {keep.shape[0]} windows")
+        keep &= gate
+    return np.flatnonzero(keep)
+
+
 def explain_study(model: nn.Module, inputs: torch.Tensor, cfg: TeacherConfig | None = None,
-                  channel_offsets: np.ndarray | None = None, progress: bool = False) -> TeacherResult:
+                  channel_offsets: np.ndarray | None = None, progress: bool = False,
+                  gate: np.ndarray | None = None) -> TeacherResult:
     """Run the teacher over one study: ``inputs`` (N, C, H, W) are the preprocessed 2.5D windows
-    centred on slices 0..N-1 (z order), on the model's device. The model is put in eval mode."""
+    centred on slices 0..N-1 (z order), on the model's device. The model is put in eval mode.
+    ``gate`` (N,) bool: explain only windows on slices labelled positive (see :func:`windows_to_explain`)."""
     cfg = cfg or TeacherConfig()
     if inputs.ndim != 4:
         raise ValueError(f"inputs must be (N, C, H, W) windows of one study, got shape {tuple(inputs.shape)}")
     model.eval()
     probs = classify_windows(model, inputs, cfg.batch_size)
     offsets, _ = _group_index(channel_offsets, inputs.shape[1])
-    positive = np.flatnonzero(probs >= cfg.clf_threshold)
+    positive = windows_to_explain(probs, cfg.clf_threshold, gate)
     if progress:
         from tqdm.auto import tqdm
 
         positive = tqdm(positive, desc="teacher windows", leave=False)
     windows = {int(i): refine_window(model, inputs[i:i + 1], cfg, channel_offsets) for i in positive}
     n, _, h, w = inputs.shape
-    return TeacherResult(probs=probs, windows=windows, offsets=offsets, shape=(n, h, w), cfg=cfg)
+    return TeacherResult(probs=probs, windows=windows, offsets=offsets, shape=(n, h, w), cfg=cfg, gate=gate)

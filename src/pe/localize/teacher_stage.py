@@ -53,6 +53,7 @@ from pe.localize.teacher import (
     cutout_fill,
     refine_window,
     slice_offsets,
+    windows_to_explain,
 )
 from pe.models.load import load_cnn
 from pe.models.slice_cnn import preprocess_study
@@ -72,6 +73,7 @@ class TeacherStageConfig:
     max_dist_512: float | None = 160.0
     max_studies: int | None = None  # first N studies (sorted ids) only: smoke runs
     device: str = "cpu"
+    gate_labels: bool = False  # train split: explain only slices labelled positive (pe_present_on_image)
 
     def cluster_filter(self, size: int) -> ClusterFilter:
         mv = None if self.min_voxels_512 is None else max(1, int(round(self.min_voxels_512 * (size / 512) ** 2)))
@@ -127,20 +129,22 @@ def _fill(cfg: CNNConfig) -> str | list[float]:
     return cutout_fill(cfg.neighbors) if cfg.aug and cfg.aug_cutout_p > 0 else "mean"
 
 
-def explain_frames(model: nn.Module, cfg: CNNConfig, images: np.ndarray, box, tcfg: TeacherConfig) -> TeacherResult:
+def explain_frames(model: nn.Module, cfg: CNNConfig, images: np.ndarray, box, tcfg: TeacherConfig,
+                   gate: np.ndarray | None = None) -> TeacherResult:
     """The teacher over one study without holding every window in memory: windows are classified
-    in batches and rebuilt one at a time for the positive ones."""
+    in batches and rebuilt one at a time for the positive ones (with a ``gate``, only those on
+    slices labelled positive: :func:`pe.localize.teacher.windows_to_explain`)."""
     n, dev = len(images), next(model.parameters()).device
     probs = np.concatenate([
         classify_windows(model, preprocess_study(images, cfg, box, range(s, min(s + tcfg.batch_size, n))).to(dev),
                          tcfg.batch_size) for s in range(0, n, tcfg.batch_size)])
     offsets = slice_offsets(cfg.neighbors)
     windows = {}
-    for i in np.flatnonzero(probs >= tcfg.clf_threshold):
+    for i in windows_to_explain(probs, tcfg.clf_threshold, gate):
         x = preprocess_study(images, cfg, box, [int(i)])
         windows[int(i)] = refine_window(model, x.to(dev), tcfg, offsets)
     return TeacherResult(probs=probs, windows=windows, offsets=np.unique(offsets), shape=(n, cfg.img_size, cfg.img_size),
-                         cfg=tcfg)
+                         cfg=tcfg, gate=gate)
 
 
 def iteration_map(res: TeacherResult) -> np.ndarray:
@@ -161,15 +165,18 @@ def study_clusters(study: str, labels: np.ndarray, score: np.ndarray, sops: list
     return t[CLUSTER_COLUMNS]
 
 
-def _teach_one(model, cfg, frames, tcfg: TeacherStageConfig, size: int) -> tuple[np.ndarray, np.ndarray, dict]:
+def _teach_one(model, cfg, frames, tcfg: TeacherStageConfig, size: int,
+               gate: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     t0 = time.perf_counter()
-    res = explain_frames(model, cfg, frames.images, frames.box, tcfg.teacher)
+    res = explain_frames(model, cfg, frames.images, frames.box, tcfg.teacher, gate)
     itmap = input_to_cache(iteration_map(res), crop_region(frames.box, size, cfg.crop_lung), size)
     labels = filter_clusters(label_clusters(itmap > 0), tcfg.cluster_filter(size))
     stops = pd.Series([w.stop for w in res.windows.values()], dtype=object).value_counts().to_dict()
     info = {"seconds": time.perf_counter() - t0, "windows": int(len(res.probs)), "positive_windows": len(res.windows),
             "rounds": int(itmap.max(initial=0)), "stops": {str(k): int(v) for k, v in stops.items()},
             "probs": [round(float(p), 5) for p in res.probs]}
+    if gate is not None:
+        info["gated_slices"] = int((~gate).sum())
     return labels, itmap, info
 
 
@@ -183,6 +190,7 @@ def run_teacher(exp: str, split: str, tcfg: TeacherStageConfig | None = None, ou
     _, cfg = load_cnn(any_checkpoint(exp), "cpu")
     assignment = study_folds(exp, split, cfg)
     studies = [check_uid(s) for s in assignment][: tcfg.max_studies]
+    labels_of = slice_labels(split) if tcfg.gate_labels else None
     todo = masks.pending(studies)
     if len(todo) < len(studies):
         print(f"{out}: {len(studies) - len(todo)} of {len(studies)} studies already done, skipped", file=sys.stderr)
@@ -199,7 +207,8 @@ def run_teacher(exp: str, split: str, tcfg: TeacherStageConfig | None = None, ou
             frames = study_volume(cache_dir, study, index, boxes)
             size = frames.images.shape[1]
             tc = dataclasses.replace(tcfg, teacher=dataclasses.replace(tcfg.teacher, fill=_fill(cfg)))
-            labels, itmap, info = _teach_one(loaded[key], cfg, frames, tc, size)
+            gate = None if labels_of is None else study_gate(labels_of, frames.sops, study)
+            labels, itmap, info = _teach_one(loaded[key], cfg, frames, tc, size, gate)
             score = np.broadcast_to(np.asarray(info["probs"], np.float32)[:, None, None], labels.shape)
             info["clusters"] = study_clusters(study, labels, np.ascontiguousarray(score), frames.sops).to_dict("records")
             info["folds"] = list(key)
@@ -207,6 +216,27 @@ def run_teacher(exp: str, split: str, tcfg: TeacherStageConfig | None = None, ou
             masks.write(study, labels, frames.sops, info)  # last: marks the study done
     finish_outputs(masks, studies, out)
     return out
+
+
+def slice_labels(split: str) -> dict[str, bool]:
+    """SOPInstanceUID → image label (``pe_present_on_image``) of ``split``'s metadata: the gate of
+    label gating. Only the train split has labels (the real test split has none)."""
+    if split != "train":
+        raise ValueError(f"label gating needs image labels: train split only, got {split!r}")
+    p = _meta_path(split)
+    meta = pd.read_parquet(p)
+    if "pe_present_on_image" not in meta.columns:
+        raise ValueError(f"{p}: no pe_present_on_image column to gate the teacher with")
+    return dict(zip(meta["SOPInstanceUID"].astype(str), meta["pe_present_on_image"].to_numpy() > 0.5, strict=True))
+
+
+def study_gate(labels_of: dict[str, bool], sops: list[str], study: str) -> np.ndarray:
+    """(N,) bool gate of one study's slices in z order; a slice without a label is an error."""
+    missing = [s for s in sops if s not in labels_of]
+    if missing:
+        raise ValueError(f"study {study}: {len(missing)} cached slice(s) without an image label in the train "
+                         f"metadata (first {missing[0]}); rerun stages 01-02")
+    return np.array([labels_of[s] for s in sops], bool)
 
 
 def any_checkpoint(exp: str) -> Path:
