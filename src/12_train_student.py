@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-out", default=None, metavar="DIR",
                     help="learn from this stage-11 output of the train split (11_pseudo_masks.py --out DIR) instead "
                          "of work/localize/<exp>/teacher/train")
+    ap.add_argument("--init", default=None, metavar="MODEL_PT",
+                    help="fine-tune: start from this trained student (a stage-12 model.pt with the same --filters), "
+                         "e.g. a pseudo-label student fine-tuned on box truth (condrea2024 Table VI)")
+    ap.add_argument("--train-studies", type=int, default=None, metavar="N",
+                    help="train on the first N training studies (sorted ids) only, e.g. the quarter with human masks")
     ap.add_argument("--boxes", default=None, help="box truth CSV of the last split: print the localisation table")
     a = ap.parse_args(argv)
     if a.threads:
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = StudentStageConfig(student=student, seg=seg, min_voxels_512=a.min_voxels, max_dist_512=a.max_dist,
                              max_studies=a.max_studies, retrain=a.retrain,
                              cache_dir=a.cache_dir, train_boxes=a.train_boxes,
-                             teacher_out=a.teacher_out)
+                             teacher_out=a.teacher_out, init_from=a.init, train_studies=a.train_studies)
     out = run_student(a.exp, tuple(a.splits), cfg, out=a.out)
     print(f"student: {out}")
     if a.boxes:

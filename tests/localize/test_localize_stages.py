@@ -262,6 +262,46 @@ def test_oracle_student_trains_on_the_box_truth(work, load_script, tmp_path):
         _training_set(EXP, work["cache"], index, boxes, None, str(tmp_path / "empty_teacher"))
 
 
+def test_student_fine_tunes_from_a_trained_student_on_a_subset(work, load_script, tmp_path):
+    """--init starts from another student's weights (lr 0 keeps them exactly); --train-studies keeps
+    the first N training studies; a different network or a missing file is refused."""
+    from pe.data.cache import load_index
+    from pe.localize.frames import lung_boxes
+    from pe.localize.student_stage import _training_set, load_student
+
+    script = load_script("12_train_student.py")
+    load_script("11_pseudo_masks.py").main(["--exp", EXP, "--split", "train", *work["teacher_args"]])
+    base = tmp_path / "base"
+    assert script.main(["--exp", EXP, *STUDENT_ARGS, "--out", str(base), "--max-studies", "1"]) == 0
+    train_boxes = str(work["phantom"] / "train_boxes.csv")
+    index, boxes = load_index(work["cache"]), lung_boxes(work["cache"])
+    _, all_vols, _ = _training_set(EXP, work["cache"], index, boxes, train_boxes)
+    _, vols, masks = _training_set(EXP, work["cache"], index, boxes, train_boxes, train_studies=2)
+    first2 = sorted(pd.read_parquet(paths.meta_path("train"))[STUDY].unique())[:2]
+    sizes = {len(v) for v in vols}
+    lengths = {int(n) for n in index[index[STUDY].isin(first2)].groupby(STUDY).size()}
+    assert len(vols) <= 2 < len(all_vols) and sizes <= lengths
+    ft = tmp_path / "ft"
+    args = ["--exp", EXP, *STUDENT_ARGS, "--out", str(ft), "--max-studies", "1", "--train-boxes", train_boxes,
+            "--train-studies", "2", "--init", str(base / "model.pt")]
+    assert script.main([*args, "--lr", "0"]) == 0
+    ckpt = torch.load(ft / "model.pt", weights_only=True)
+    assert ckpt["init_from"] == str(base / "model.pt") and ckpt["train_studies"] == len(vols)
+    before, after = load_student(base / "model.pt")[0], load_student(ft / "model.pt")[0]
+    for (name, a), (_, b) in zip(before.named_parameters(), after.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    fresh = tmp_path / "fresh"
+    assert script.main([*args[:-2], "--out", str(fresh), "--lr", "0"]) == 0
+    scratch = load_student(fresh / "model.pt")[0]
+    assert not all(torch.equal(a, b) for a, b in zip(before.parameters(), scratch.parameters(), strict=True))
+    with pytest.raises(ValueError, match="differs"):
+        script.main([*args, "--filters", "4", "8", "8", "--retrain"])
+    with pytest.raises(FileNotFoundError, match="no trained student"):
+        script.main([*args[:-1], str(tmp_path / "none.pt"), "--retrain"])
+    with pytest.raises(ValueError, match="train_studies must be >= 1"):
+        _training_set(EXP, work["cache"], index, boxes, train_boxes, train_studies=0)
+
+
 def _bench_localize_with_two_students(boxes: Path, root: Path, tmp_path: Path, capsys, rows: list[dict]) -> None:
     """bench/bench_localize.py scores named student folders and prints / writes their paired differences."""
     import importlib.util

@@ -131,8 +131,9 @@ def _loss(name: str) -> nn.Module:
 
 
 def train_student(volumes: Sequence[np.ndarray], masks: Sequence[np.ndarray], cfg: StudentConfig | None = None,
-                  seg_cfg: Seg3DConfig | None = None) -> tuple[nn.Module, list[float]]:
-    """(trained DynUNet in eval mode, loss per iteration) from volumes and their pseudo-masks."""
+                  seg_cfg: Seg3DConfig | None = None, init: dict | None = None) -> tuple[nn.Module, list[float]]:
+    """(trained DynUNet in eval mode, loss per iteration) from volumes and their pseudo-masks;
+    ``init``: a state dict of the same network to start from (fine-tuning) instead of a fresh one."""
     cfg = cfg or StudentConfig()
     seg_cfg = seg_cfg or Seg3DConfig()
     div = seg_cfg.min_crop_divisor()
@@ -141,7 +142,10 @@ def train_student(volumes: Sequence[np.ndarray], masks: Sequence[np.ndarray], cf
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     sampler = CropSampler(volumes, masks, cfg)
-    model = build_seg3d(seg_cfg).to(cfg.device)
+    model = build_seg3d(seg_cfg)
+    if init is not None:
+        model.load_state_dict(init)
+    model = model.to(cfg.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.iterations))
     loss_fn = _loss(cfg.loss)

@@ -64,6 +64,11 @@ class StudentStageConfig:
     # Another stage-11 output of the train split to learn from (its masks/ folder; e.g. a teacher run at
     # another operating point written with 11_pseudo_masks.py --out). Default: work/localize/<exp>/teacher/train.
     teacher_out: str | None = None
+    # Fine-tuning (condrea2024 Table VI): start from this trained student's model.pt (same network
+    # configuration) instead of a fresh network, e.g. a pseudo-label student fine-tuned on box truth.
+    init_from: str | None = None
+    # Train on the first N training studies (sorted ids) only, e.g. a quarter with human masks.
+    train_studies: int | None = None
 
     def cluster_filter(self, size: int) -> ClusterFilter:
         return TeacherStageConfig(min_voxels_512=self.min_voxels_512, max_dist_512=self.max_dist_512).cluster_filter(size)
@@ -112,13 +117,16 @@ def _truth_targets(train_boxes: str, cache_dir: Path, index, boxes) -> tuple[str
 
 
 def _training_set(exp: str, cache_dir: Path, index, boxes, train_boxes: str | None = None,
-                  teacher_out: str | None = None) -> tuple[str, list, list]:
+                  teacher_out: str | None = None, train_studies: int | None = None) -> tuple[str, list, list]:
     """(where the targets came from, volumes, masks): every study with a non-empty target plus as many
-    without one."""
+    without one, among the first ``train_studies`` (sorted ids) when given."""
     if train_boxes is not None and teacher_out is not None:
         raise ValueError("train on box truth or on a teacher's pseudo-masks, not both")
+    if train_studies is not None and train_studies < 1:
+        raise ValueError(f"train_studies must be >= 1, got {train_studies}")
     source, targets = (_teacher_targets(exp, teacher_out) if train_boxes is None
                        else _truth_targets(train_boxes, cache_dir, index, boxes))
+    targets = targets[:train_studies]
     pos = [(s, lab) for s, lab in targets if lab.any()]
     neg = [(s, lab) for s, lab in targets if not lab.any()]
     if not pos:
@@ -140,14 +148,16 @@ def fit_or_load(exp: str, cfg: StudentStageConfig, out: Path, cache_dir: Path, i
         print(f"{path}: reusing the trained student", file=sys.stderr)
         return load_student(path)[0]
     t0 = time.perf_counter()
-    source, vols, masks = _training_set(exp, cache_dir, index, boxes, cfg.train_boxes, cfg.teacher_out)
+    init = _init_weights(cfg)
+    source, vols, masks = _training_set(exp, cache_dir, index, boxes, cfg.train_boxes, cfg.teacher_out,
+                                        cfg.train_studies)
     with warnings.catch_warnings():  # crops of negative studies: MONAI warns that it cannot balance them
         warnings.filterwarnings("ignore", message="Num foregrounds 0")
-        model, history = train_student(vols, masks, cfg.student, cfg.seg)
+        model, history = train_student(vols, masks, cfg.student, cfg.seg, init=init)
     ckpt = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "config": {"student": dataclasses.asdict(cfg.student), "seg": dataclasses.asdict(cfg.seg)},
             "history": [float(h) for h in history], "train_seconds": time.perf_counter() - t0,
-            "train_studies": len(vols), "trained_on": source}
+            "train_studies": len(vols), "trained_on": source, "init_from": cfg.init_from}
     path.parent.mkdir(parents=True, exist_ok=True)
     # Predictions of an earlier student are stale now: remove them so that every study is predicted anew.
     for stale in sorted(p for p in out.iterdir() if (p / "masks").is_dir()):
@@ -158,6 +168,19 @@ def fit_or_load(exp: str, cfg: StudentStageConfig, out: Path, cache_dir: Path, i
     print(f"student trained on {len(vols)} studies ({source}) in {ckpt['train_seconds']:.1f} s: loss "
           f"{np.mean(history[:10]):.3f} -> {np.mean(history[-10:]):.3f}", file=sys.stderr)
     return model
+
+
+def _init_weights(cfg: StudentStageConfig) -> dict | None:
+    """The state dict of ``cfg.init_from`` (None without one); its network must be ``cfg.seg``."""
+    if cfg.init_from is None:
+        return None
+    path = Path(cfg.init_from)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no trained student to start from (a stage-12 model.pt)")
+    model, _, seg = load_student(path)
+    if seg != cfg.seg:
+        raise ValueError(f"{path}: its network {seg} differs from this one {cfg.seg}; give the same --filters")
+    return model.state_dict()
 
 
 def _split_studies(split: str) -> list[str]:
