@@ -3,22 +3,32 @@
 # both splits, stage 12 student(s), bench/bench_localize.py (the table and its paired differences).
 #   bash bench/localize_run.sh RUN_FOLDER [TEST_STUDIES|all] [TRAIN_STUDIES|all]
 #   ITERS="300 1200" ORACLE_ITERS="300 1200" bash bench/localize_run.sh RUN_FOLDER all all
+#   SEEDS="0 1" GATED_ITERS=1200 FINETUNE_STUDIES=45 bash bench/localize_run.sh RUN_FOLDER all all   # session 24
 # RUN_FOLDER: a finished benchmark run with a stage-04 experiment "cnn",
 #   reports/bench-quality/<out>/runs/cnn-<key>-s<seed> (the phantom is input/bench-phantom; PE_DATA_DIR overrides).
 # TEST_STUDIES / TRAIN_STUDIES: the first N studies of each split (default 10 / 24, the 2026-11-28 subset), or "all".
+# SEEDS: student seeds (default 0); seed k > 0 adds "_seed<k>" to the folder names below.
 # ITERS: one student per value (default 1200, stage 12's), trained on the teacher's pseudo-masks: student_it<N>.
 # ORACLE_ITERS: oracle students trained on the train split's box truth: student_oracle_it<N>.
-# Outputs go under RUN_FOLDER/work/localize/cnn/; finished studies and trained students are reused (stage 12
-# retrains only a missing model.pt). Time on 2 CPU cores (2026-12-07, centre-slice CNN): the teacher ~5 s per
-# study (IG 8 steps, 3 rounds; all 240 studies in 14 min), a student ~5.5 min for 1,200 iterations plus ~5 s
-# per predicted study.
+# GATED_ITERS: students on the label-gated teacher's pseudo-masks (stage 11 --gate-labels, teacher_gated/):
+#   student_gated_it<N>.
+# FINETUNE_STUDIES=N: condrea2024 Table VI, on the box truth of the first N training studies, 1,200 iterations:
+#   student_scratch<N>_seed<k> from scratch and student_ft<N>_seed<k> fine-tuned from student_it1200 (seed 0).
+# One table per seed (its first student is the reference of the "later - first" differences), and one for the
+# fine-tuning arms. Outputs go under RUN_FOLDER/work/localize/cnn/; finished studies and trained students are
+# reused (stage 12 retrains only a missing model.pt). Time on 2 CPU cores (2026-12-07, centre-slice CNN): the
+# teacher ~5 s per study (IG 8 steps, 3 rounds; all 240 studies in 14 min; gated on the train split ~1.5 min), a
+# student ~5.5 min for 1,200 iterations plus ~5 s per predicted study.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:?give a finished quality-benchmark run folder (reports/bench-quality/<out>/runs/cnn-<key>-s<seed>)}
 NTEST=${2:-10}
 NTRAIN=${3:-24}
+SEEDS=${SEEDS:-0}
 ITERS=${ITERS:-1200}
 ORACLE_ITERS=${ORACLE_ITERS:-}
+GATED_ITERS=${GATED_ITERS:-}
+FINETUNE_STUDIES=${FINETUNE_STUDIES:-}
 if [ ! -d "$RUN/work/models/cnn" ]; then
     echo "$RUN: no stage-04 experiment 'cnn' there; give a finished quality-benchmark run folder" \
          "(reports/bench-quality/<out>/runs/cnn-<key>-s<seed>)" >&2
@@ -29,22 +39,42 @@ export PE_WORK_DIR=$RUN/work PE_OOF_DIR=$RUN/oof PE_DATA_DIR=${PE_DATA_DIR:-$PWD
 PY=${PY:-.venv/bin/python}
 cap() { if [ "$1" = all ]; then echo ""; else echo "--max-studies $1"; fi; }
 TEACHER="--ig-steps 8 --max-iter 3 --clf-sensitivity 0.95"
+LOC=$PE_WORK_DIR/localize/cnn
+TRUTH=$PE_DATA_DIR/train_boxes.csv
 $PY src/11_pseudo_masks.py --exp cnn --split test $(cap "$NTEST") $TEACHER
 $PY src/11_pseudo_masks.py --exp cnn --split train $(cap "$NTRAIN") $TEACHER
-LOC=$PE_WORK_DIR/localize/cnn
+if [ -n "$GATED_ITERS" ]; then
+    $PY src/11_pseudo_masks.py --exp cnn --split train $(cap "$NTRAIN") $TEACHER --gate-labels \
+        --out "$LOC/teacher_gated/train"
+fi
 STUDENTS=()
-student() {  # name iterations [extra stage-12 arguments]
-    local name=$1 it=$2
-    shift 2
-    $PY src/12_train_student.py --exp cnn --splits test $(cap "$NTEST") --iterations "$it" --out "$LOC/$name" "$@"
+student() {  # folder name, iterations, seed [extra stage-12 arguments]
+    local name=$1 it=$2 seed=$3
+    shift 3
+    $PY src/12_train_student.py --exp cnn --splits test $(cap "$NTEST") --iterations "$it" --seed "$seed" \
+        --out "$LOC/$name" "$@"
     STUDENTS+=(--student "$name=$LOC/$name")
 }
-for it in $ITERS; do
-    student "student_it$it" "$it"
+table() {  # csv stem; scores "${STUDENTS[@]}"
+    $PY bench/bench_localize.py --exp cnn --split test --boxes "$PE_DATA_DIR/phantom_test_boxes.csv" \
+        "${STUDENTS[@]}" --csv "$LOC/$1.csv"
+}
+for seed in $SEEDS; do
+    sfx=$([ "$seed" = 0 ] && echo "" || echo "_seed$seed")
+    STUDENTS=()
+    for it in $ITERS; do student "student_it$it$sfx" "$it" "$seed"; done
+    for it in $GATED_ITERS; do student "student_gated_it$it$sfx" "$it" "$seed" --teacher-out "$LOC/teacher_gated/train"; done
+    for it in $ORACLE_ITERS; do student "student_oracle_it$it$sfx" "$it" "$seed" --train-boxes "$TRUTH"; done
+    table "localization_test$sfx"
 done
-for it in $ORACLE_ITERS; do
-    student "student_oracle_it$it" "$it" \
-        --train-boxes "$PE_DATA_DIR/train_boxes.csv"
-done
-$PY bench/bench_localize.py --exp cnn --split test --boxes "$PE_DATA_DIR/phantom_test_boxes.csv" "${STUDENTS[@]}" \
-    --csv "$LOC/localization_test.csv"
+if [ -n "$FINETUNE_STUDIES" ]; then
+    N=$FINETUNE_STUDIES
+    [ -f "$LOC/student_it1200/model.pt" ] || student student_it1200 1200 0
+    for seed in $SEEDS; do
+        STUDENTS=()
+        student "student_scratch${N}_seed$seed" 1200 "$seed" --train-boxes "$TRUTH" --train-studies "$N"
+        student "student_ft${N}_seed$seed" 1200 "$seed" --train-boxes "$TRUTH" --train-studies "$N" \
+            --init "$LOC/student_it1200/model.pt"
+        table "localization_finetune${N}_seed$seed"
+    done
+fi
