@@ -61,12 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-out", default=None, metavar="DIR",
                     help="the teacher's stage-11 output folder of the split (default work/localize/<exp>/teacher/<split>; "
                          "e.g. one written with 11_pseudo_masks.py --out)")
+    ap.add_argument("--min-score", type=float, nargs="+", default=(), metavar="S",
+                    help="also a row per student and S with only its clusters of score_max >= S (its operating "
+                         "point swept; the student predicts at --high 0.5 / --low 0.3); these rows are not compared")
     ap.add_argument("--csv", default=None, help="also write the rows (estimates and interval bounds) here, "
                                                 "and the paired differences to <stem>_paired.csv")
     a = ap.parse_args(argv)
     flt = TeacherStageConfig(min_voxels_512=a.min_voxels, max_dist_512=a.max_dist)
     rows = localization_table(a.exp, a.split, a.boxes, flt, n_boot=a.n_boot, students=_students(a.student),
-                              teacher_out=a.teacher_out)
+                              teacher_out=a.teacher_out, min_scores=tuple(a.min_score))
     print(f"localisation of {a.exp} on {a.split} (Pu et al. matching, 95 % bootstrap intervals over studies)")
     print(format_report(rows, n_boot=a.n_boot))
     if a.csv:

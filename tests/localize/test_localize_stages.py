@@ -330,6 +330,13 @@ def _bench_localize_with_two_students(boxes: Path, root: Path, tmp_path: Path, c
     assert bench.main([*args[:-1], str(csv2), "--teacher-out", str(moved), "--student", f"a={root}"]) == 0
     again = pd.read_csv(csv2).set_index("method")
     assert again.loc["teacher, final, filtered", "f1"] == by.loc["teacher, final, filtered", "f1"]
+    # --min-score: the student's rows above cluster scores (all clusters at 0, none above 1), not compared
+    csv3 = tmp_path / "loc3.csv"
+    assert bench.main([*args[:-1], str(csv3), "--student", f"a={root}", "--min-score", "0", "1.01"]) == 0
+    swept = pd.read_csv(csv3).set_index("method")
+    assert swept.loc["a, score >= 0", ["clusters", "f1"]].tolist() == by.loc["a", ["clusters", "f1"]].tolist()
+    assert swept.loc["a, score >= 1.01", "clusters"] == 0 and by.loc["a", "clusters"] > 0
+    assert not any("score >=" in m for m in pd.read_csv(tmp_path / "loc3_paired.csv")["method"])
     with pytest.raises(SystemExit, match="NAME=DIR"):
         bench.main([*args, "--student", str(root)])
     with pytest.raises(SystemExit, match="taken"):

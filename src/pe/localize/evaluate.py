@@ -84,14 +84,31 @@ def teacher_rows(root: Path, truth: Truth, flt_cfg: TeacherStageConfig, n_boot: 
     return rows
 
 
-def store_rows(method: str, root: Path, truth: Truth, n_boot: int = 1000, seed: int = 0) -> list[dict]:
-    """One row for a folder with ``masks/`` (the student's, or any stage's final clusters)."""
+SCORE_ROW = ", score >= "  # rows of a student's clusters above a score: an operating-point sweep, not compared
+
+
+def store_rows(method: str, root: Path, truth: Truth, n_boot: int = 1000, seed: int = 0,
+               min_scores: tuple[float, ...] = ()) -> list[dict]:
+    """One row for a folder with ``masks/`` (the student's, or any stage's final clusters), and one per
+    ``min_scores`` value keeping only the clusters whose ``score_max`` (``clusters.csv``: the student's
+    highest PE probability in the cluster) reaches it: the student's operating point swept."""
     store = PseudoMaskStore(root / "masks")
     studies = sorted(store.done())
     if not studies:
         return []
     table = score_volumes(studies, lambda s: store.read(s)[0], truth)
-    return [_row(method, table, _seconds(root), n_boot, seed)]
+    rows = [_row(method, table, _seconds(root), n_boot, seed)]
+    if min_scores:
+        clusters = pd.read_csv(root / "clusters.csv", dtype={STUDY: str})
+    for t in min_scores:
+        kept = clusters[clusters["score_max"] >= t].groupby(STUDY)["cluster"].apply(set).to_dict()
+
+        def above(s: str, kept: dict = kept) -> np.ndarray:
+            lab = store.read(s)[0]
+            return np.where(np.isin(lab, sorted(kept.get(s, ()))), lab, 0)
+
+        rows.append(_row(f"{method}{SCORE_ROW}{t:g}", score_volumes(studies, above, truth), _seconds(root), n_boot, seed))
+    return rows
 
 
 def format_table(rows: list[dict]) -> str:
@@ -106,10 +123,11 @@ def format_table(rows: list[dict]) -> str:
 
 def localization_table(exp: str, split: str, boxes_csv: str | Path, flt_cfg: TeacherStageConfig | None = None,
                        n_boot: int = 1000, seed: int = 0, students: dict[str, str | Path] | None = None,
-                       teacher_out: str | Path | None = None) -> list[dict]:
+                       teacher_out: str | Path | None = None, min_scores: tuple[float, ...] = ()) -> list[dict]:
     """Teacher rows (Tables II-III) and student rows (IV-V) of ``exp`` on ``split``. ``students`` maps a
     row name to a stage-12 output folder (default ``{"student": work/localize/<exp>/student}``);
-    ``teacher_out`` is a stage-11 output folder of ``split`` (default work/localize/<exp>/teacher/<split>)."""
+    ``teacher_out`` is a stage-11 output folder of ``split`` (default work/localize/<exp>/teacher/<split>);
+    ``min_scores`` adds each student's rows above those cluster scores (:func:`store_rows`)."""
     from pe.localize.student_stage import student_dir
     from pe.localize.teacher_stage import teacher_dir
 
@@ -117,7 +135,7 @@ def localization_table(exp: str, split: str, boxes_csv: str | Path, flt_cfg: Tea
     teacher = Path(teacher_out) if teacher_out is not None else teacher_dir(exp, split)
     rows = teacher_rows(teacher, truth, flt_cfg or TeacherStageConfig(), n_boot, seed)
     for name, root in (students or {"student": student_dir(exp)}).items():
-        rows += store_rows(name, Path(root) / split, truth, n_boot, seed)
+        rows += store_rows(name, Path(root) / split, truth, n_boot, seed, tuple(min_scores))
     if not rows:
         raise FileNotFoundError(f"no teacher or student output of {exp} on {split} (run src/11_pseudo_masks.py)")
     return rows
@@ -133,7 +151,7 @@ def comparisons(rows: list[dict]) -> list[tuple[str, str]]:
     names = [r["method"] for r in rows]
     pairs = [("teacher, round <= 2, filtered", "teacher, round <= 1, filtered"),
              (TEACHER_FINAL, "teacher, final, unfiltered")]
-    students = [n for n in names if not n.startswith("teacher")]
+    students = [n for n in names if not n.startswith("teacher") and SCORE_ROW not in n]
     pairs += [(s, TEACHER_FINAL) for s in students]
     pairs += [(s, students[0]) for s in students[1:]]
     return [(b, a) for b, a in pairs if b in names and a in names]
