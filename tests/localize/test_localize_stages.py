@@ -287,6 +287,7 @@ def test_student_fine_tunes_from_a_trained_student_on_a_subset(work, load_script
     assert script.main([*args, "--lr", "0"]) == 0
     ckpt = torch.load(ft / "model.pt", weights_only=True)
     assert ckpt["init_from"] == str(base / "model.pt") and ckpt["train_studies"] == len(vols)
+    assert ckpt["train_studies_cap"] == 2
     before, after = load_student(base / "model.pt")[0], load_student(ft / "model.pt")[0]
     for (name, a), (_, b) in zip(before.named_parameters(), after.named_parameters(), strict=True):
         assert torch.equal(a, b), name

@@ -99,6 +99,8 @@ def store_rows(method: str, root: Path, truth: Truth, n_boot: int = 1000, seed: 
     table = score_volumes(studies, lambda s: store.read(s)[0], truth)
     rows = [_row(method, table, _seconds(root), n_boot, seed)]
     if min_scores:
+        if not (root / "clusters.csv").is_file():
+            raise FileNotFoundError(f"{root / 'clusters.csv'}: no cluster scores to sweep (rerun stage 12 there)")
         clusters = pd.read_csv(root / "clusters.csv", dtype={STUDY: str})
     for t in min_scores:
         kept = clusters[clusters["score_max"] >= t].groupby(STUDY)["cluster"].apply(set).to_dict()

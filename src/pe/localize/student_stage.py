@@ -157,7 +157,8 @@ def fit_or_load(exp: str, cfg: StudentStageConfig, out: Path, cache_dir: Path, i
     ckpt = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "config": {"student": dataclasses.asdict(cfg.student), "seg": dataclasses.asdict(cfg.seg)},
             "history": [float(h) for h in history], "train_seconds": time.perf_counter() - t0,
-            "train_studies": len(vols), "trained_on": source, "init_from": cfg.init_from}
+            "train_studies": len(vols), "trained_on": source, "init_from": cfg.init_from,
+            "train_studies_cap": cfg.train_studies}
     path.parent.mkdir(parents=True, exist_ok=True)
     # Predictions of an earlier student are stale now: remove them so that every study is predicted anew.
     for stale in sorted(p for p in out.iterdir() if (p / "masks").is_dir()):
