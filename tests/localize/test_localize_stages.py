@@ -155,6 +155,12 @@ def test_label_gated_teacher_keeps_voxels_on_labelled_slices_only(work, load_scr
         explained["free"] += extra_free["positive_windows"]
         explained["gated"] += extra["positive_windows"]
     assert 0 < explained["gated"] < explained["free"]  # the gate removed windows, and kept some
+    from pe.localize.teacher_stage import train_image_labels
+
+    unlabelled = tmp_path / "no_labels.parquet"
+    meta.drop(columns=["pe_present_on_image"]).to_parquet(unlabelled)
+    with pytest.raises(ValueError, match="no_labels.parquet: no pe_present_on_image column"):
+        train_image_labels(unlabelled)
     with pytest.raises(ValueError, match="train split only"):
         script.main(["--exp", EXP, "--split", "test", "--gate-labels", "--out", str(tmp_path / "t"),
                      *work["teacher_args"]])

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -57,7 +58,7 @@ from pe.localize.teacher import (
 )
 from pe.models.load import load_cnn
 from pe.models.slice_cnn import preprocess_study
-from pe.rspect import STUDY
+from pe.rspect import IMAGE_LABEL, SOP, STUDY
 
 CLUSTER_COLUMNS = [STUDY, "cluster", "voxels", "z0", "y0", "x0", "z1", "y1", "x1", "score_max", "score_mean",
                    "sop_first", "sop_last"]
@@ -218,16 +219,23 @@ def run_teacher(exp: str, split: str, tcfg: TeacherStageConfig | None = None, ou
     return out
 
 
+def train_image_labels(meta_path: Path | None = None) -> pd.DataFrame:
+    """(SOPInstanceUID, pe_present_on_image as bool) of the train metadata: the slice labels that
+    the operating point and label gating read."""
+    p = Path(meta_path) if meta_path is not None else _meta_path("train")
+    if IMAGE_LABEL not in pq.read_schema(p).names:
+        raise ValueError(f"{p}: no {IMAGE_LABEL} column (slice labels)")
+    meta = pd.read_parquet(p, columns=[SOP, IMAGE_LABEL])
+    return pd.DataFrame({SOP: meta[SOP].astype(str), IMAGE_LABEL: meta[IMAGE_LABEL].to_numpy() > 0.5})
+
+
 def slice_labels(split: str) -> dict[str, bool]:
-    """SOPInstanceUID → image label (``pe_present_on_image``) of ``split``'s metadata: the gate of
-    label gating. Only the train split has labels (the real test split has none)."""
+    """SOPInstanceUID → image label of ``split``'s metadata: the gate of label gating. Only the train
+    split has labels (the real test split has none)."""
     if split != "train":
         raise ValueError(f"label gating needs image labels: train split only, got {split!r}")
-    p = _meta_path(split)
-    meta = pd.read_parquet(p)
-    if "pe_present_on_image" not in meta.columns:
-        raise ValueError(f"{p}: no pe_present_on_image column to gate the teacher with")
-    return dict(zip(meta["SOPInstanceUID"].astype(str), meta["pe_present_on_image"].to_numpy() > 0.5, strict=True))
+    t = train_image_labels()
+    return dict(zip(t[SOP], t[IMAGE_LABEL], strict=True))
 
 
 def study_gate(labels_of: dict[str, bool], sops: list[str], study: str) -> np.ndarray:
@@ -272,16 +280,16 @@ def sensitivity_threshold(exp: str, sensitivity: float, meta_path: Path | None =
     if not files:
         raise FileNotFoundError(f"{paths.exp_oof_dir(exp)}: no cnn_fold*.parquet (stage 04's out-of-fold "
                                 "probabilities) to choose the operating point from")
-    oof = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True).drop_duplicates("SOPInstanceUID")
-    meta = pd.read_parquet(meta_path or paths.meta_path("train"), columns=["SOPInstanceUID", "pe_present_on_image"])
-    y = oof.merge(meta, on="SOPInstanceUID", how="inner")
-    pos = np.sort(y.loc[y["pe_present_on_image"] > 0.5, "prob"].to_numpy(np.float64))
+    oof = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True).drop_duplicates(SOP)
+    oof[SOP] = oof[SOP].astype(str)
+    y = oof.merge(train_image_labels(meta_path), on=SOP, how="inner")
+    pos = np.sort(y.loc[y[IMAGE_LABEL], "prob"].to_numpy(np.float64))
     if len(pos) == 0:
         raise ValueError(f"{paths.exp_oof_dir(exp)}: no positive slice among the out-of-fold probabilities")
     # calling p >= t positive: the k-th smallest positive probability keeps len(pos) - k of them
     k = int(np.floor(len(pos) * (1.0 - sensitivity) + 1e-9))
     thr = float(pos[min(k, len(pos) - 1)])
-    neg = y.loc[y["pe_present_on_image"] <= 0.5, "prob"].to_numpy(np.float64)
+    neg = y.loc[~y[IMAGE_LABEL], "prob"].to_numpy(np.float64)
     figures = {"threshold": thr, "target_sensitivity": sensitivity,
                "slice_sensitivity": float((pos >= thr).mean()),
                "slice_specificity": float((neg < thr).mean()) if len(neg) else float("nan"),
