@@ -4,7 +4,8 @@ Rows: the teacher after each refinement round (filtered), the teacher's final ps
 and with the size/distance filter, and the student(s); pooled sensitivity / PPV / F1 with 95 %
 percentile bootstrap intervals over studies (Pu et al. cluster matching), seconds per study. Below
 them the paired differences (bootstrap over the studies both rows scored): round 2 - round 1,
-filtered - unfiltered, each student - the final filtered teacher, later students - the first.
+filtered - unfiltered, each student - the final filtered teacher, later students - the first (or, with
+--focus NAME, student NAME - every other student).
 Needs stage 11 (and 12 for the student row) to have run on the split.
 
     PE_WORK_DIR=work/demo python bench/bench_localize.py --exp demo_n3 --split test \
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-score", type=float, nargs="+", default=(), metavar="S",
                     help="also a row per student and S with only its clusters of score_max >= S (its operating "
                          "point swept; the student predicts at --high 0.5 / --low 0.3); these rows are not compared")
+    ap.add_argument("--focus", default=None, metavar="NAME",
+                    help="compare the student row NAME with every other student (NAME - other) instead of later "
+                         "students with the first, e.g. a seed ensemble against each of its members")
     ap.add_argument("--csv", default=None, help="also write the rows (estimates and interval bounds) here, "
                                                 "and the paired differences to <stem>_paired.csv")
     a = ap.parse_args(argv)
@@ -71,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = localization_table(a.exp, a.split, a.boxes, flt, n_boot=a.n_boot, students=_students(a.student),
                               teacher_out=a.teacher_out, min_scores=tuple(a.min_score))
     print(f"localisation of {a.exp} on {a.split} (Pu et al. matching, 95 % bootstrap intervals over studies)")
-    print(format_report(rows, n_boot=a.n_boot))
+    print(format_report(rows, n_boot=a.n_boot, focus=a.focus))
     if a.csv:
         write_csv_atomic(rows_frame(rows), a.csv, index=False)
-        pairs = paired_rows(rows, n_boot=a.n_boot)
+        pairs = paired_rows(rows, n_boot=a.n_boot, focus=a.focus)
         if pairs:
             out = Path(a.csv)
             write_csv_atomic(rows_frame(pairs), out.with_name(f"{out.stem}_paired.csv"), index=False)

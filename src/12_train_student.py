@@ -6,6 +6,8 @@ Reads  work/localize/<exp>/teacher/train/masks (stage 11; with --train-boxes CSV
 Writes work/localize/<exp>/student/model.pt (reused unless --retrain) and, per split,
        work/localize/<exp>/student/<split>/masks/ (predicted clusters, resumable per study),
        .../clusters.csv (3D clusters with a score per study) and .../timings.csv.
+       With --average DIR ... (a seed ensemble of trained students) it trains nothing and writes
+       <out>/ensemble.json (the members and their model.pt hashes) instead of model.pt.
 With --boxes (box truth of the last split, e.g. the phantom's phantom_test_boxes.csv) it prints the
 localisation table of teacher and student (bench/bench_localize.py prints the same).
 
@@ -13,6 +15,8 @@ localisation table of teacher and student (bench/bench_localize.py prints the sa
     python src/12_train_student.py --exp demo_n3 --splits test --boxes input/phantom/phantom_test_boxes.csv
     python src/12_train_student.py --exp demo_n3 --train-boxes input/phantom/train_boxes.csv \
         --out work/demo/localize/demo_n3/student_oracle
+    python src/12_train_student.py --exp demo_n3 --out work/demo/localize/demo_n3/student_ens \
+        --average work/demo/localize/demo_n3/student work/demo/localize/demo_n3/student_seed1
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
                          "e.g. a pseudo-label student fine-tuned on box truth (condrea2024 Table VI)")
     ap.add_argument("--train-studies", type=int, default=None, metavar="N",
                     help="train on the first N training studies (sorted ids) only, e.g. the quarter with human masks")
+    ap.add_argument("--average", nargs="+", default=None, metavar="DIR",
+                    help="a seed ensemble: train nothing, predict with the mean PE probability of these trained "
+                         "students (stage-12 output folders, e.g. one recipe at several --seed); give it its own --out")
     ap.add_argument("--boxes", default=None, help="box truth CSV of the last split: print the localisation table")
     a = ap.parse_args(argv)
     if a.threads:
@@ -79,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = StudentStageConfig(student=student, seg=seg, min_voxels_512=a.min_voxels, max_dist_512=a.max_dist,
                              max_studies=a.max_studies, retrain=a.retrain,
                              cache_dir=a.cache_dir, train_boxes=a.train_boxes,
-                             teacher_out=a.teacher_out, init_from=a.init, train_studies=a.train_studies)
+                             teacher_out=a.teacher_out, init_from=a.init, train_studies=a.train_studies,
+                             average=tuple(a.average) if a.average else None)
     out = run_student(a.exp, tuple(a.splits), cfg, out=a.out)
     print(f"student: {out}")
     if a.boxes:

@@ -3,6 +3,7 @@ resumability, the localisation table, and a student learning check on a positive
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -309,6 +310,43 @@ def test_student_fine_tunes_from_a_trained_student_on_a_subset(work, load_script
         _training_set(EXP, work["cache"], index, boxes, train_boxes, train_studies=0)
 
 
+def test_seed_ensemble_predicts_with_trained_students_and_trains_nothing(work, load_script, tmp_path):
+    """--average: an ensemble of one student predicts exactly its clusters; two students' ensemble
+    writes ensemble.json and no model.pt; other members make the old predictions stale; training options,
+    a folder without a student and an --out holding a student are refused."""
+    script = load_script("12_train_student.py")
+    load_script("11_pseudo_masks.py").main(["--exp", EXP, "--split", "train", *work["teacher_args"]])
+    one = ["--max-studies", "2"]
+    a, b = tmp_path / "seed0", tmp_path / "seed1"
+    for folder, seed in ((a, "0"), (b, "1")):
+        assert script.main(["--exp", EXP, *STUDENT_ARGS, *one, "--out", str(folder), "--seed", seed]) == 0
+    solo = tmp_path / "solo"
+    assert script.main(["--exp", EXP, *one, "--out", str(solo), "--average", str(a)]) == 0
+    assert not (solo / "model.pt").exists()
+    studies = sorted(PseudoMaskStore(a / "test" / "masks").done())
+    assert len(studies) == 2 and PseudoMaskStore(solo / "test" / "masks").done() == set(studies)
+    for s in studies:
+        assert np.array_equal(PseudoMaskStore(solo / "test" / "masks").read(s)[0],
+                              PseudoMaskStore(a / "test" / "masks").read(s)[0])
+    assert pd.read_csv(solo / "test" / "clusters.csv").equals(pd.read_csv(a / "test" / "clusters.csv"))
+    manifest = json.loads((solo / "ensemble.json").read_text())
+    assert [m["folder"] for m in manifest["members"]] == [str(a.resolve())] and manifest["high"] == 0.5
+    part = solo / "test" / "masks" / "parts" / f"{studies[0]}.parquet"
+    mtime = part.stat().st_mtime_ns
+    assert script.main(["--exp", EXP, *one, "--out", str(solo), "--average", str(a)]) == 0  # resumes
+    assert part.stat().st_mtime_ns == mtime
+    assert script.main(["--exp", EXP, *one, "--out", str(solo), "--average", str(a), str(b)]) == 0
+    assert part.stat().st_mtime_ns != mtime and PseudoMaskStore(solo / "test" / "masks").done() == set(studies)
+    assert len(json.loads((solo / "ensemble.json").read_text())["members"]) == 2
+    with pytest.raises(ValueError, match="trains nothing; drop train_boxes"):
+        script.main(["--exp", EXP, "--out", str(solo), "--average", str(a),
+                     "--train-boxes", str(work["phantom"] / "train_boxes.csv")])
+    with pytest.raises(FileNotFoundError, match="no trained student to average"):
+        script.main(["--exp", EXP, "--out", str(solo), "--average", str(a), str(tmp_path / "nothing")])
+    with pytest.raises(ValueError, match="holds a trained student"):
+        script.main(["--exp", EXP, "--out", str(b), "--average", str(a)])
+
+
 def _bench_localize_with_two_students(boxes: Path, root: Path, tmp_path: Path, capsys, rows: list[dict]) -> None:
     """bench/bench_localize.py scores named student folders and prints / writes their paired differences."""
     import importlib.util
@@ -344,6 +382,15 @@ def _bench_localize_with_two_students(boxes: Path, root: Path, tmp_path: Path, c
     assert swept.loc["a, score >= 0", ["clusters", "f1"]].tolist() == by.loc["a", ["clusters", "f1"]].tolist()
     assert swept.loc["a, score >= 1.01", "clusters"] == 0 and by.loc["a", "clusters"] > 0
     assert not any("score >=" in m for m in pd.read_csv(tmp_path / "loc3_paired.csv")["method"])
+    # --focus: one student against every other one instead of later students against the first
+    assert bench.main([*args[:-2], "--student", f"a={root}", "--student", f"b={root}", "--focus", "b"]) == 0
+    out = capsys.readouterr().out
+    assert "b  -  a" in out and "a  -  b" not in out
+    assert bench.main([*args[:-2], "--student", f"a={root}", "--student", f"b={root}", "--focus", "a"]) == 0
+    out = capsys.readouterr().out
+    assert "a  -  b" in out and "b  -  a" not in out
+    with pytest.raises(ValueError, match="no student row 'c'"):
+        bench.main([*args[:-2], "--student", f"a={root}", "--focus", "c"])
     with pytest.raises(SystemExit, match="NAME=DIR"):
         bench.main([*args, "--student", str(root)])
     with pytest.raises(SystemExit, match="taken"):

@@ -10,8 +10,17 @@ import torch
 from scipy import ndimage
 
 from pe.localize.clusters import ClusterFilter, match_clusters, scores_from_counts
-from pe.localize.student import CropSampler, StudentConfig, predict_clusters, train_student, warmup_cosine
-from pe.models.seg3d import Seg3DConfig
+from pe.localize.student import (
+    CropSampler,
+    StudentConfig,
+    predict_clusters,
+    predict_ensemble,
+    predict_volume,
+    probability_clusters,
+    train_student,
+    warmup_cosine,
+)
+from pe.models.seg3d import Seg3DConfig, build_seg3d
 
 SHAPE = (24, 48, 48)
 
@@ -118,3 +127,27 @@ def test_student_learns_to_localise_from_pseudo_masks(one_thread):
     assert np.mean(history[-10:]) < np.mean(history[:10])
     assert student >= 0.7
     assert student >= chance + 0.4
+
+
+def test_ensemble_is_the_mean_probability_of_its_members(one_thread):
+    """A seed ensemble averages its members' probabilities, each from its own sliding-window settings;
+    one member alone is that member; its clusters are those of the averaged probability."""
+    vol = make_case(np.random.default_rng(5))[0]
+    seg = Seg3DConfig(filters=(4, 8, 16))
+    torch.manual_seed(0)
+    a = build_seg3d(seg).eval()
+    torch.manual_seed(1)
+    b = build_seg3d(seg).eval()
+    ca, cb = StudentConfig(crop_zyx=(8, 24, 24)), StudentConfig(crop_zyx=(16, 32, 32), sw_overlap=0.25)
+    pa, pb = predict_volume(a, vol, ca), predict_volume(b, vol, cb)
+    assert not np.allclose(pa, pb, atol=1e-3)
+    np.testing.assert_array_equal(predict_ensemble([(a, ca)], vol), pa)
+    both = predict_ensemble([(a, ca), (b, cb)], vol)
+    assert both.dtype == np.float32 and both.shape == vol.shape
+    np.testing.assert_allclose(both, (pa.astype(np.float64) + pb) / 2, atol=1e-6)
+    cfg = StudentConfig(crop_zyx=(8, 24, 24), high=float(np.quantile(pa, 0.99)), low=float(np.quantile(pa, 0.97)))
+    labels, prob = predict_clusters(a, vol, cfg)
+    assert labels.max() > 0
+    np.testing.assert_array_equal(probability_clusters(predict_ensemble([(a, cfg)], vol), cfg), labels)
+    with pytest.raises(ValueError, match="at least one"):
+        predict_ensemble([], vol)

@@ -146,25 +146,30 @@ def localization_table(exp: str, split: str, boxes_csv: str | Path, flt_cfg: Tea
 TEACHER_FINAL = "teacher, final, filtered"
 
 
-def comparisons(rows: list[dict]) -> list[tuple[str, str]]:
+def comparisons(rows: list[dict], focus: str | None = None) -> list[tuple[str, str]]:
     """The (b, a) pairs to report as b - a: the paper's teacher findings (a second refinement round,
     the size/distance filter), each student against the final filtered teacher, and later students
-    against the first one."""
+    against the first one, or with ``focus`` (a student's row name) that student against every other."""
     names = [r["method"] for r in rows]
     pairs = [("teacher, round <= 2, filtered", "teacher, round <= 1, filtered"),
              (TEACHER_FINAL, "teacher, final, unfiltered")]
     students = [n for n in names if not n.startswith("teacher") and SCORE_ROW not in n]
     pairs += [(s, TEACHER_FINAL) for s in students]
-    pairs += [(s, students[0]) for s in students[1:]]
+    if focus is None:
+        pairs += [(s, students[0]) for s in students[1:]]
+    elif focus in students:
+        pairs += [(focus, s) for s in students if s != focus]
+    else:
+        raise ValueError(f"no student row {focus!r} to compare with the others (rows: {', '.join(students)})")
     return [(b, a) for b, a in pairs if b in names and a in names]
 
 
-def paired_rows(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> list[dict]:
+def paired_rows(rows: list[dict], n_boot: int = 1000, seed: int = 0, focus: str | None = None) -> list[dict]:
     """Paired differences b - a of sensitivity / PPV / F1 over the studies both rows scored
     (:func:`pe.localize.clusters.paired_difference`), for the pairs of :func:`comparisons`."""
     by = {r["method"]: r for r in rows}
     out = []
-    for b, a in comparisons(rows):
+    for b, a in comparisons(rows, focus):
         ci = paired_difference(by[a]["table"], by[b]["table"], n_boot=n_boot, seed=seed)
         common = len(set(by[a]["table"][STUDY]) & set(by[b]["table"][STUDY]))
         out.append({"method": f"{b}  -  {a}", "studies": common, **ci})
@@ -187,9 +192,9 @@ def _signed(ci) -> str:
     return f"{ci.estimate:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}]"
 
 
-def format_report(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> str:
+def format_report(rows: list[dict], n_boot: int = 1000, seed: int = 0, focus: str | None = None) -> str:
     """The table and, where it has pairs to compare, the paired differences below it."""
-    pairs = paired_rows(rows, n_boot, seed)
+    pairs = paired_rows(rows, n_boot, seed, focus)
     return format_table(rows) + ("\n\n" + format_paired(pairs) if pairs else "")
 
 

@@ -178,11 +178,30 @@ def predict_volume(model: nn.Module, volume: np.ndarray, cfg: StudentConfig | No
     return torch.softmax(logits, dim=1)[0, 1].float().cpu().numpy()
 
 
+def predict_ensemble(members: Sequence[tuple[nn.Module, StudentConfig]], volume: np.ndarray) -> np.ndarray:
+    """float32 mean PE probability (z, y, x) of several trained students (e.g. the same recipe at several
+    seeds), each predicted with its own sliding-window settings."""
+    if not members:
+        raise ValueError("an ensemble needs at least one trained student")
+    total = np.zeros(volume.shape, np.float64)
+    for model, cfg in members:
+        total += predict_volume(model, volume, cfg)
+    return (total / len(members)).astype(np.float32)
+
+
+def probability_clusters(prob: np.ndarray, cfg: StudentConfig | None = None,
+                         flt: ClusterFilter | None = None) -> np.ndarray:
+    """int32 cluster labels (z, y, x): hysteresis on a PE probability (absolute thresholds ``cfg.high`` /
+    ``cfg.low``), filtered by ``flt`` when given."""
+    cfg = cfg or StudentConfig()
+    labels = hysteresis_clusters(prob, cfg.high, cfg.low, cfg.neighbourhood_xyz)
+    return filter_clusters(labels, flt) if flt is not None else labels
+
+
 def predict_clusters(model: nn.Module, volume: np.ndarray, cfg: StudentConfig | None = None,
                      flt: ClusterFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(int32 cluster labels (z, y, x), PE probability (z, y, x)): hysteresis on the probability
-    (absolute thresholds ``cfg.high`` / ``cfg.low``), filtered by ``flt`` when given."""
+    """(int32 cluster labels (z, y, x), PE probability (z, y, x)) of one student
+    (:func:`probability_clusters` of :func:`predict_volume`)."""
     cfg = cfg or StudentConfig()
     prob = predict_volume(model, volume, cfg)
-    labels = hysteresis_clusters(prob, cfg.high, cfg.low, cfg.neighbourhood_xyz)
-    return (filter_clusters(labels, flt) if flt is not None else labels), prob
+    return probability_clusters(prob, cfg, flt), prob

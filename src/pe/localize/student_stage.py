@@ -13,12 +13,16 @@ Output under ``work/localize/<exp>/student/``: ``model.pt`` (``{"model", "config
 loads with ``weights_only=True``; an existing one is reused unless ``retrain``), and per split
 ``<split>/masks/`` (PseudoMaskStore of the predicted clusters, resumable per study),
 ``<split>/clusters.csv`` (same columns as the teacher's; score = the predicted PE probability) and
-``<split>/timings.csv``.
+``<split>/timings.csv``. With ``average`` (a seed ensemble) nothing is trained: the folder holds
+``ensemble.json`` (the member students, their model.pt hashes and the cluster settings) instead of model.pt,
+and predictions of another ensemble or other settings are removed before predicting.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import shutil
 import sys
 import time
@@ -32,11 +36,17 @@ from tqdm import tqdm
 
 from pe.config import resolve_paths
 from pe.data.cache import load_index
-from pe.io import atomic_path
+from pe.io import atomic_path, write_json_atomic
 from pe.localize.clusters import ClusterFilter
 from pe.localize.frames import lung_boxes, pe_window, study_volume
 from pe.localize.pseudo_io import PseudoMaskStore
-from pe.localize.student import StudentConfig, predict_clusters, train_student
+from pe.localize.student import (
+    StudentConfig,
+    predict_ensemble,
+    predict_volume,
+    probability_clusters,
+    train_student,
+)
 from pe.localize.teacher_stage import (
     TeacherStageConfig,
     any_checkpoint,
@@ -69,6 +79,9 @@ class StudentStageConfig:
     init_from: str | None = None
     # Train on the first N training studies (sorted ids) only, e.g. a quarter with human masks.
     train_studies: int | None = None
+    # A seed ensemble: predict with the mean probability of these trained students (stage-12 output folders
+    # with a model.pt each) instead of training one; the training options above do not apply.
+    average: tuple[str, ...] | None = None
 
     def cluster_filter(self, size: int) -> ClusterFilter:
         return TeacherStageConfig(min_voxels_512=self.min_voxels_512, max_dist_512=self.max_dist_512).cluster_filter(size)
@@ -160,15 +173,49 @@ def fit_or_load(exp: str, cfg: StudentStageConfig, out: Path, cache_dir: Path, i
             "train_studies": len(vols), "trained_on": source, "init_from": cfg.init_from,
             "train_studies_cap": cfg.train_studies}
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Predictions of an earlier student are stale now: remove them so that every study is predicted anew.
-    for stale in sorted(p for p in out.iterdir() if (p / "masks").is_dir()):
-        print(f"{stale}: predictions of the previous student removed", file=sys.stderr)
-        shutil.rmtree(stale)
+    _drop_predictions(out, "the previous student")
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
     print(f"student trained on {len(vols)} studies ({source}) in {ckpt['train_seconds']:.1f} s: loss "
           f"{np.mean(history[:10]):.3f} -> {np.mean(history[-10:]):.3f}", file=sys.stderr)
     return model
+
+
+def _drop_predictions(out: Path, what: str) -> None:
+    """Remove the per-split predictions under ``out`` (stale once the model behind them changed)."""
+    for stale in sorted(p for p in out.iterdir() if (p / "masks").is_dir()):
+        print(f"{stale}: predictions of {what} removed", file=sys.stderr)
+        shutil.rmtree(stale)
+
+
+def ensemble_members(cfg: StudentStageConfig, out: Path) -> list[tuple[torch.nn.Module, StudentConfig]]:
+    """The trained students of ``cfg.average`` with their own configurations; writes ``out/ensemble.json``
+    and removes predictions made by another ensemble or with other cluster settings."""
+    trains = {"train_boxes": cfg.train_boxes, "teacher_out": cfg.teacher_out, "init_from": cfg.init_from,
+              "train_studies": cfg.train_studies}
+    if given := [k for k, v in trains.items() if v is not None] + (["retrain"] if cfg.retrain else []):
+        raise ValueError(f"an ensemble (--average) trains nothing; drop {', '.join(given)}")
+    if (out / "model.pt").exists():
+        raise ValueError(f"{out}: holds a trained student (model.pt); give the ensemble its own --out")
+    members, listed = [], []
+    for folder in cfg.average or ():
+        path = Path(folder) / "model.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no trained student to average (a stage-12 output folder)")
+        model, scfg, _ = load_student(path)
+        members.append((model.to(cfg.student.device), dataclasses.replace(scfg, device=cfg.student.device)))
+        listed.append({"folder": str(Path(folder).resolve()),
+                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    if not members:
+        raise ValueError("an ensemble (--average) needs at least one trained student folder")
+    manifest = {"members": listed, "high": cfg.student.high, "low": cfg.student.low,
+                "min_voxels_512": cfg.min_voxels_512, "max_dist_512": cfg.max_dist_512}
+    path = out / "ensemble.json"
+    out.mkdir(parents=True, exist_ok=True)
+    if not path.is_file() or json.loads(path.read_text()) != manifest:
+        _drop_predictions(out, "another ensemble or other cluster settings")
+        write_json_atomic(path, manifest)
+    return members
 
 
 def _init_weights(cfg: StudentStageConfig) -> dict | None:
@@ -204,7 +251,16 @@ def run_student(exp: str, splits: tuple[str, ...] = ("test",), cfg: StudentStage
     out = Path(out) if out is not None else student_dir(exp)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else resolve_paths(load_cnn(any_checkpoint(exp), "cpu")[1])[0]
     index, boxes = load_index(cache_dir), lung_boxes(cache_dir)
-    model = fit_or_load(exp, cfg, out, cache_dir, index, boxes).to(cfg.student.device)
+    if cfg.average:
+        members = ensemble_members(cfg, out)
+
+        def predict(vol: np.ndarray) -> np.ndarray:
+            return predict_ensemble(members, vol)
+    else:
+        model = fit_or_load(exp, cfg, out, cache_dir, index, boxes).to(cfg.student.device)
+
+        def predict(vol: np.ndarray) -> np.ndarray:
+            return predict_volume(model, vol, cfg.student)
     for split in splits:
         store = PseudoMaskStore(out / split / "masks")
         studies = _split_studies(split)[: cfg.max_studies]
@@ -212,7 +268,8 @@ def run_student(exp: str, splits: tuple[str, ...] = ("test",), cfg: StudentStage
             t0 = time.perf_counter()
             frames = study_volume(cache_dir, study, index, boxes)
             vol = pe_window(frames.images)
-            labels, prob = predict_clusters(model, vol, cfg.student, cfg.cluster_filter(vol.shape[1]))
+            prob = predict(vol)
+            labels = probability_clusters(prob, cfg.student, cfg.cluster_filter(vol.shape[1]))
             extra = {"seconds": time.perf_counter() - t0, "windows": int(len(vol)),
                      "clusters": study_clusters(study, labels, prob, frames.sops).to_dict("records")}
             store.write(study, labels, frames.sops, extra)
