@@ -8,12 +8,16 @@
 #   reports/bench-quality/<out>/runs/cnn-<key>-s<seed> (the phantom is input/bench-phantom; PE_DATA_DIR overrides).
 # TEST_STUDIES / TRAIN_STUDIES: the first N studies of each split (default 10 / 24, the 2026-11-28 subset), or "all".
 # SEEDS: student seeds (default 0); seed k > 0 adds "_seed<k>" to the folder names below.
-# ITERS: one student per value (default 1200, stage 12's), trained on the teacher's pseudo-masks: student_it<N>.
+# ITERS: one student per value (default 1200, stage 12's; ITERS= none), trained on the teacher's pseudo-masks: student_it<N>.
 # ORACLE_ITERS: oracle students trained on the train split's box truth: student_oracle_it<N>.
 # GATED_ITERS: students on the label-gated teacher's pseudo-masks (stage 11 --gate-labels, teacher_gated/):
 #   student_gated_it<N>.
 # FINETUNE_STUDIES=N: condrea2024 Table VI, on the box truth of the first N training studies, 1,200 iterations:
 #   student_scratch<N>_seed<k> from scratch and student_ft<N>_seed<k> fine-tuned from student_it1200 (seed 0).
+# ENSEMBLE=1 (with several SEEDS): per ITERS / GATED_ITERS value, the seed ensemble of those students (stage 12
+#   --average): student_it<N>_ens<K> / student_gated_it<N>_ens<K>, and a table with the ensemble against each seed
+#   (localization_ensemble_it<N>.csv / localization_ensemble_gated_it<N>.csv).   # session 25:
+#   SEEDS="0 1 2 3" ITERS= GATED_ITERS=1200 ENSEMBLE=1 bash bench/localize_run.sh RUN_FOLDER all all
 # One table per seed (its first student is the reference of the "later - first" differences), and one for the
 # fine-tuning arms. Outputs go under RUN_FOLDER/work/localize/cnn/; finished studies and trained students are
 # reused (stage 12 retrains only a missing model.pt). Time on 2 CPU cores (2026-12-07, centre-slice CNN): the
@@ -25,10 +29,11 @@ RUN=${1:?give a finished quality-benchmark run folder (reports/bench-quality/<ou
 NTEST=${2:-10}
 NTRAIN=${3:-24}
 SEEDS=${SEEDS:-0}
-ITERS=${ITERS:-1200}
+ITERS=${ITERS-1200}
 ORACLE_ITERS=${ORACLE_ITERS:-}
 GATED_ITERS=${GATED_ITERS:-}
 FINETUNE_STUDIES=${FINETUNE_STUDIES:-}
+ENSEMBLE=${ENSEMBLE:-}
 if [ ! -d "$RUN/work/models/cnn" ]; then
     echo "$RUN: no stage-04 experiment 'cnn' there; give a finished quality-benchmark run folder" \
          "(reports/bench-quality/<out>/runs/cnn-<key>-s<seed>)" >&2
@@ -67,6 +72,23 @@ for seed in $SEEDS; do
     for it in $ORACLE_ITERS; do student "student_oracle_it$it$sfx" "$it" "$seed" --train-boxes "$TRUTH"; done
     table "localization_test$sfx"
 done
+ensemble() {  # student folder stem (e.g. student_gated_it1200), csv stem
+    local stem=$1 members=() rows=() k=0
+    for seed in $SEEDS; do
+        sfx=$([ "$seed" = 0 ] && echo "" || echo "_seed$seed")
+        members+=("$LOC/$stem$sfx")
+        rows+=(--student "seed$seed=$LOC/$stem$sfx")
+        k=$((k + 1))
+    done
+    $PY src/12_train_student.py --exp cnn --splits test $(cap "$NTEST") --out "$LOC/${stem}_ens$k" \
+        --average "${members[@]}"
+    $PY bench/bench_localize.py --exp cnn --split test --boxes "$PE_DATA_DIR/phantom_test_boxes.csv" \
+        --student "ens$k=$LOC/${stem}_ens$k" "${rows[@]}" --focus "ens$k" --csv "$LOC/$2.csv"
+}
+if [ -n "$ENSEMBLE" ]; then
+    for it in $ITERS; do ensemble "student_it$it" "localization_ensemble_it$it"; done
+    for it in $GATED_ITERS; do ensemble "student_gated_it$it" "localization_ensemble_gated_it$it"; done
+fi
 if [ -n "$FINETUNE_STUDIES" ]; then
     N=$FINETUNE_STUDIES
     [ -f "$LOC/student_it1200/model.pt" ] || student student_it1200 1200 0
