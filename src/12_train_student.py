@@ -5,9 +5,10 @@ Reads  work/localize/<exp>/teacher/train/masks (stage 11; with --train-boxes CSV
        experiment <exp>.
 Writes work/localize/<exp>/student/model.pt (reused unless --retrain) and, per split,
        work/localize/<exp>/student/<split>/masks/ (predicted clusters, resumable per study),
-       .../clusters.csv (3D clusters with a score per study) and .../timings.csv.
-       With --average DIR ... (a seed ensemble of trained students) it trains nothing and writes
-       <out>/ensemble.json (the members and their model.pt hashes) instead of model.pt.
+       .../clusters.csv (3D clusters with a score per study) and .../timings.csv; predicted_with.json
+       records the model(s) (model.pt hash) and cluster settings behind the predictions, which are redone
+       when either changes. With --average DIR ... (a seed ensemble of trained students) it trains nothing,
+       writes no model.pt and predicted_with.json lists the members.
 With --boxes (box truth of the last split, e.g. the phantom's phantom_test_boxes.csv) it prints the
 localisation table of teacher and student (bench/bench_localize.py prints the same).
 

@@ -3,6 +3,7 @@ resumability, the localisation table, and a student learning check on a positive
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -205,6 +206,14 @@ def test_student_stage_end_to_end_resume_and_table(work, load_script, capsys, tm
     assert script.main(["--exp", EXP, *STUDENT_ARGS, "--retrain"]) == 0
     assert (root / "model.pt").stat().st_mtime_ns != model_mtime and part.stat().st_mtime_ns != mtime
     assert PseudoMaskStore(root / "test" / "masks").done() == set(studies)
+    record = json.loads((root / "predicted_with.json").read_text())
+    assert record["members"] == [{"folder": str(root.resolve()), "sha256": hashlib.sha256(
+        (root / "model.pt").read_bytes()).hexdigest()}] and record["high"] == 0.5
+    # other cluster settings: the same student's predictions are made again, with the new settings recorded
+    mtime = part.stat().st_mtime_ns
+    assert script.main(["--exp", EXP, *STUDENT_ARGS, "--high", "0.6"]) == 0
+    assert part.stat().st_mtime_ns != mtime and json.loads((root / "predicted_with.json").read_text())["high"] == 0.6
+    assert script.main(["--exp", EXP, *STUDENT_ARGS]) == 0  # back to the defaults for the rows below
     rows = localization_table(EXP, "test", boxes, n_boot=50)
     assert rows[-1]["method"] == "student" and all(r["studies"] == len(studies) for r in rows)
     assert "F1" in format_table(rows)
@@ -312,7 +321,7 @@ def test_student_fine_tunes_from_a_trained_student_on_a_subset(work, load_script
 
 def test_seed_ensemble_predicts_with_trained_students_and_trains_nothing(work, load_script, tmp_path):
     """--average: an ensemble of one student predicts exactly its clusters; two students' ensemble
-    writes ensemble.json and no model.pt; other members make the old predictions stale; training options,
+    records its members in predicted_with.json and writes no model.pt; other members make the old predictions stale; training options,
     a folder without a student and an --out holding a student are refused."""
     script = load_script("12_train_student.py")
     load_script("11_pseudo_masks.py").main(["--exp", EXP, "--split", "train", *work["teacher_args"]])
@@ -329,7 +338,7 @@ def test_seed_ensemble_predicts_with_trained_students_and_trains_nothing(work, l
         assert np.array_equal(PseudoMaskStore(solo / "test" / "masks").read(s)[0],
                               PseudoMaskStore(a / "test" / "masks").read(s)[0])
     assert pd.read_csv(solo / "test" / "clusters.csv").equals(pd.read_csv(a / "test" / "clusters.csv"))
-    manifest = json.loads((solo / "ensemble.json").read_text())
+    manifest = json.loads((solo / "predicted_with.json").read_text())
     assert [m["folder"] for m in manifest["members"]] == [str(a.resolve())] and manifest["high"] == 0.5
     part = solo / "test" / "masks" / "parts" / f"{studies[0]}.parquet"
     mtime = part.stat().st_mtime_ns
@@ -337,7 +346,7 @@ def test_seed_ensemble_predicts_with_trained_students_and_trains_nothing(work, l
     assert part.stat().st_mtime_ns == mtime
     assert script.main(["--exp", EXP, *one, "--out", str(solo), "--average", str(a), str(b)]) == 0
     assert part.stat().st_mtime_ns != mtime and PseudoMaskStore(solo / "test" / "masks").done() == set(studies)
-    assert len(json.loads((solo / "ensemble.json").read_text())["members"]) == 2
+    assert len(json.loads((solo / "predicted_with.json").read_text())["members"]) == 2
     with pytest.raises(ValueError, match="trains nothing; drop train_boxes"):
         script.main(["--exp", EXP, "--out", str(solo), "--average", str(a),
                      "--train-boxes", str(work["phantom"] / "train_boxes.csv")])

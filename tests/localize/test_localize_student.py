@@ -146,7 +146,7 @@ def test_ensemble_is_the_mean_probability_of_its_members(one_thread):
     assert both.dtype == np.float32 and both.shape == vol.shape
     np.testing.assert_allclose(both, (pa.astype(np.float64) + pb) / 2, atol=1e-6)
     cfg = StudentConfig(crop_zyx=(8, 24, 24), high=float(np.quantile(pa, 0.99)), low=float(np.quantile(pa, 0.97)))
-    labels, prob = predict_clusters(a, vol, cfg)
+    labels, _ = predict_clusters(a, vol, cfg)
     assert labels.max() > 0
     np.testing.assert_array_equal(probability_clusters(predict_ensemble([(a, cfg)], vol), cfg), labels)
     with pytest.raises(ValueError, match="at least one"):

@@ -30,11 +30,10 @@ def load_student_model(path: Path, device: torch.device, size: int) -> Student:
     from pe.localize.student_stage import StudentStageConfig, load_student
 
     try:
-        model, cfg, _ = load_student(Path(path))
+        model, cfg, _ = load_student(Path(path), device)
     except Exception as e:  # a missing file or a checkpoint of another code version: name the file
         raise ValueError(f"{path}: cannot load the localisation student ({type(e).__name__}: {e})") from e
-    return Student(model.to(device), dataclasses.replace(cfg, device=str(device)),
-                   StudentStageConfig().cluster_filter(size))
+    return Student(model, cfg, StudentStageConfig().cluster_filter(size))
 
 
 def localize_study(student: Student, item: StudyImages) -> pd.DataFrame:

@@ -13,9 +13,10 @@ Output under ``work/localize/<exp>/student/``: ``model.pt`` (``{"model", "config
 loads with ``weights_only=True``; an existing one is reused unless ``retrain``), and per split
 ``<split>/masks/`` (PseudoMaskStore of the predicted clusters, resumable per study),
 ``<split>/clusters.csv`` (same columns as the teacher's; score = the predicted PE probability) and
-``<split>/timings.csv``. With ``average`` (a seed ensemble) nothing is trained: the folder holds
-``ensemble.json`` (the member students, their model.pt hashes and the cluster settings) instead of model.pt,
-and predictions of another ensemble or other settings are removed before predicting.
+``<split>/timings.csv``, and ``predicted_with.json`` (the model(s) behind the predictions, folder and model.pt
+hash, and the cluster settings): predictions made by another model or with other settings are removed before
+predicting. With ``average`` (a seed ensemble) nothing is trained: the folder has no model.pt and
+``predicted_with.json`` lists the member students.
 """
 
 from __future__ import annotations
@@ -96,13 +97,15 @@ def _tuples(d: dict) -> dict:
             for k, v in d.items()}
 
 
-def load_student(path: Path) -> tuple[torch.nn.Module, StudentConfig, Seg3DConfig]:
+def load_student(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, StudentConfig, Seg3DConfig]:
+    """(network in eval mode on ``device``, its StudentConfig set to that device, its Seg3DConfig) of a
+    stage-12 model.pt (``weights_only`` load)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    scfg = StudentConfig(**_tuples(ckpt["config"]["student"]))
+    scfg = StudentConfig(**{**_tuples(ckpt["config"]["student"]), "device": str(device)})
     seg = Seg3DConfig(**_tuples(ckpt["config"]["seg"]))
     model = build_seg3d(seg)
     model.load_state_dict(ckpt["model"])
-    return model.eval(), scfg, seg
+    return model.to(device).eval(), scfg, seg
 
 
 def _teacher_targets(exp: str, teacher_out: str | None = None) -> tuple[str, list[tuple[str, np.ndarray]]]:
@@ -173,49 +176,56 @@ def fit_or_load(exp: str, cfg: StudentStageConfig, out: Path, cache_dir: Path, i
             "train_studies": len(vols), "trained_on": source, "init_from": cfg.init_from,
             "train_studies_cap": cfg.train_studies}
     path.parent.mkdir(parents=True, exist_ok=True)
-    _drop_predictions(out, "the previous student")
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:  # its predictions are redone: the model's hash in predicted_with.json changed
         torch.save(ckpt, tmp)
     print(f"student trained on {len(vols)} studies ({source}) in {ckpt['train_seconds']:.1f} s: loss "
           f"{np.mean(history[:10]):.3f} -> {np.mean(history[-10:]):.3f}", file=sys.stderr)
     return model
 
 
-def _drop_predictions(out: Path, what: str) -> None:
-    """Remove the per-split predictions under ``out`` (stale once the model behind them changed)."""
+PREDICTED_WITH = "predicted_with.json"
+
+
+def _model_record(path: Path) -> dict:
+    return {"folder": str(path.parent.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def keep_or_drop_predictions(out: Path, cfg: StudentStageConfig, models: list[dict]) -> None:
+    """Predictions under ``out`` are reused only when ``out/predicted_with.json`` says the same models
+    (folder and model.pt hash) and cluster settings made them; otherwise (a retrained student, another
+    ensemble, other --high / --low / filter, or no record) they are removed and the record rewritten."""
+    record = {"members": models, "high": cfg.student.high, "low": cfg.student.low,
+              "min_voxels_512": cfg.min_voxels_512, "max_dist_512": cfg.max_dist_512}
+    path = out / PREDICTED_WITH
+    if path.is_file() and json.loads(path.read_text()) == record:
+        return
+    out.mkdir(parents=True, exist_ok=True)
     for stale in sorted(p for p in out.iterdir() if (p / "masks").is_dir()):
-        print(f"{stale}: predictions of {what} removed", file=sys.stderr)
+        print(f"{stale}: predictions of another model or other cluster settings removed", file=sys.stderr)
         shutil.rmtree(stale)
+    write_json_atomic(path, record)
 
 
-def ensemble_members(cfg: StudentStageConfig, out: Path) -> list[tuple[torch.nn.Module, StudentConfig]]:
-    """The trained students of ``cfg.average`` with their own configurations; writes ``out/ensemble.json``
-    and removes predictions made by another ensemble or with other cluster settings."""
+def ensemble_members(cfg: StudentStageConfig, out: Path) -> tuple[list[tuple[torch.nn.Module, StudentConfig]], list]:
+    """(the trained students of ``cfg.average`` with their own configurations, their records for
+    :func:`keep_or_drop_predictions`); training options and an ``out`` holding a student are refused."""
     trains = {"train_boxes": cfg.train_boxes, "teacher_out": cfg.teacher_out, "init_from": cfg.init_from,
               "train_studies": cfg.train_studies}
     if given := [k for k, v in trains.items() if v is not None] + (["retrain"] if cfg.retrain else []):
         raise ValueError(f"an ensemble (--average) trains nothing; drop {', '.join(given)}")
     if (out / "model.pt").exists():
         raise ValueError(f"{out}: holds a trained student (model.pt); give the ensemble its own --out")
-    members, listed = [], []
+    members, records = [], []
     for folder in cfg.average or ():
         path = Path(folder) / "model.pt"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no trained student to average (a stage-12 output folder)")
-        model, scfg, _ = load_student(path)
-        members.append((model.to(cfg.student.device), dataclasses.replace(scfg, device=cfg.student.device)))
-        listed.append({"folder": str(Path(folder).resolve()),
-                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+        model, scfg, _ = load_student(path, cfg.student.device)
+        members.append((model, scfg))
+        records.append(_model_record(path))
     if not members:
         raise ValueError("an ensemble (--average) needs at least one trained student folder")
-    manifest = {"members": listed, "high": cfg.student.high, "low": cfg.student.low,
-                "min_voxels_512": cfg.min_voxels_512, "max_dist_512": cfg.max_dist_512}
-    path = out / "ensemble.json"
-    out.mkdir(parents=True, exist_ok=True)
-    if not path.is_file() or json.loads(path.read_text()) != manifest:
-        _drop_predictions(out, "another ensemble or other cluster settings")
-        write_json_atomic(path, manifest)
-    return members
+    return members, records
 
 
 def _init_weights(cfg: StudentStageConfig) -> dict | None:
@@ -252,15 +262,17 @@ def run_student(exp: str, splits: tuple[str, ...] = ("test",), cfg: StudentStage
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else resolve_paths(load_cnn(any_checkpoint(exp), "cpu")[1])[0]
     index, boxes = load_index(cache_dir), lung_boxes(cache_dir)
     if cfg.average:
-        members = ensemble_members(cfg, out)
+        members, records = ensemble_members(cfg, out)
 
         def predict(vol: np.ndarray) -> np.ndarray:
             return predict_ensemble(members, vol)
     else:
         model = fit_or_load(exp, cfg, out, cache_dir, index, boxes).to(cfg.student.device)
+        records = [_model_record(out / "model.pt")]
 
         def predict(vol: np.ndarray) -> np.ndarray:
             return predict_volume(model, vol, cfg.student)
+    keep_or_drop_predictions(out, cfg, records)
     for split in splits:
         store = PseudoMaskStore(out / split / "masks")
         studies = _split_studies(split)[: cfg.max_studies]
