@@ -57,6 +57,24 @@ class StudentConfig:
     neighbourhood_xyz: tuple[int, int, int] = PAPER_NEIGHBOURHOOD_XYZ
     seed: int = 0
     device: str = "cpu"
+    # Prior initialisation (Lin et al. 2017, RetinaNet) of a fresh network's output layer: weights N(0, 0.01)
+    # and biases (0, logit(prior)), so every seed starts predicting PE with probability ~prior; None keeps
+    # MONAI's initialisation, whose starting PE probability depends on the seed (0.45-0.67 at seeds 0-7).
+    prior: float | None = None
+
+
+def init_output_prior(model: nn.Module, prior: float) -> None:
+    """Set the last convolution of ``model`` (two output channels: background, PE) so that the network
+    starts predicting PE with probability ~``prior`` everywhere, whatever its random initialisation."""
+    if not 0 < prior < 1:
+        raise ValueError(f"prior must be in (0, 1), got {prior}")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv3d)]
+    if not convs or convs[-1].out_channels != 2 or convs[-1].bias is None:
+        raise ValueError("prior initialisation needs a last Conv3d with two output channels and a bias")
+    out = convs[-1]
+    with torch.no_grad():
+        nn.init.normal_(out.weight, 0.0, 0.01)
+        out.bias.copy_(torch.tensor([0.0, math.log(prior / (1 - prior))]))
 
 
 class CropSampler:
@@ -133,8 +151,11 @@ def _loss(name: str) -> nn.Module:
 def train_student(volumes: Sequence[np.ndarray], masks: Sequence[np.ndarray], cfg: StudentConfig | None = None,
                   seg_cfg: Seg3DConfig | None = None, init: dict | None = None) -> tuple[nn.Module, list[float]]:
     """(trained DynUNet in eval mode, loss per iteration) from volumes and their pseudo-masks;
-    ``init``: a state dict of the same network to start from (fine-tuning) instead of a fresh one."""
+    ``init``: a state dict of the same network to start from (fine-tuning) instead of a fresh one
+    (``cfg.prior`` must then be None)."""
     cfg = cfg or StudentConfig()
+    if init is not None and cfg.prior is not None:
+        raise ValueError("the prior initialisation is for a fresh network; give no prior when fine-tuning (init)")
     seg_cfg = seg_cfg or Seg3DConfig()
     div = seg_cfg.min_crop_divisor()
     if any(c % d for c, d in zip(cfg.crop_zyx, div, strict=True)):
@@ -145,6 +166,8 @@ def train_student(volumes: Sequence[np.ndarray], masks: Sequence[np.ndarray], cf
     model = build_seg3d(seg_cfg)
     if init is not None:
         model.load_state_dict(init)
+    elif cfg.prior is not None:
+        init_output_prior(model, cfg.prior)
     model = model.to(cfg.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.iterations))
