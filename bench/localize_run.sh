@@ -18,6 +18,9 @@
 #   --average): student_it<N>_ens<K> / student_gated_it<N>_ens<K>, and a table with the ensemble against each seed
 #   (localization_ensemble_it<N>.csv / localization_ensemble_gated_it<N>.csv).   # session 25:
 #   SEEDS="0 1 2 3" ITERS= GATED_ITERS=1200 ENSEMBLE=1 bash bench/localize_run.sh RUN_FOLDER all all
+# STUDENT_ARGS: extra stage-12 arguments of the ITERS / GATED_ITERS / ORACLE_ITERS students, TAG a name part for them
+#   (student_gated<TAG>_it<N>...).   # session 26:
+#   SEEDS="0 1 2 3" ITERS= GATED_ITERS=1200 TAG=_prior01 STUDENT_ARGS="--prior 0.01" bash bench/localize_run.sh RUN all all
 # One table per seed (its first student is the reference of the "later - first" differences), and one for the
 # fine-tuning arms. Outputs go under RUN_FOLDER/work/localize/cnn/; finished studies and trained students are
 # reused (stage 12 retrains only a missing model.pt). Time on 2 CPU cores (2026-12-07, centre-slice CNN): the
@@ -34,6 +37,8 @@ ORACLE_ITERS=${ORACLE_ITERS:-}
 GATED_ITERS=${GATED_ITERS:-}
 FINETUNE_STUDIES=${FINETUNE_STUDIES:-}
 ENSEMBLE=${ENSEMBLE:-}
+TAG=${TAG:-}
+read -r -a XARGS <<< "${STUDENT_ARGS:-}"
 if [ ! -d "$RUN/work/models/cnn" ]; then
     echo "$RUN: no stage-04 experiment 'cnn' there; give a finished quality-benchmark run folder" \
          "(reports/bench-quality/<out>/runs/cnn-<key>-s<seed>)" >&2
@@ -67,10 +72,14 @@ table() {  # csv stem; scores "${STUDENTS[@]}"
 for seed in $SEEDS; do
     sfx=$([ "$seed" = 0 ] && echo "" || echo "_seed$seed")
     STUDENTS=()
-    for it in $ITERS; do student "student_it$it$sfx" "$it" "$seed"; done
-    for it in $GATED_ITERS; do student "student_gated_it$it$sfx" "$it" "$seed" --teacher-out "$LOC/teacher_gated/train"; done
-    for it in $ORACLE_ITERS; do student "student_oracle_it$it$sfx" "$it" "$seed" --train-boxes "$TRUTH"; done
-    table "localization_test$sfx"
+    for it in $ITERS; do student "student${TAG}_it$it$sfx" "$it" "$seed" "${XARGS[@]}"; done
+    for it in $GATED_ITERS; do
+        student "student_gated${TAG}_it$it$sfx" "$it" "$seed" --teacher-out "$LOC/teacher_gated/train" "${XARGS[@]}"
+    done
+    for it in $ORACLE_ITERS; do
+        student "student_oracle${TAG}_it$it$sfx" "$it" "$seed" --train-boxes "$TRUTH" "${XARGS[@]}"
+    done
+    table "localization_test$TAG$sfx"
 done
 ensemble() {  # student folder stem (e.g. student_gated_it1200), csv stem
     local stem=$1 members=() rows=() k=0
@@ -86,8 +95,8 @@ ensemble() {  # student folder stem (e.g. student_gated_it1200), csv stem
         --student "ens$k=$LOC/${stem}_ens$k" "${rows[@]}" --focus "ens$k" --csv "$LOC/$2.csv"
 }
 if [ -n "$ENSEMBLE" ]; then
-    for it in $ITERS; do ensemble "student_it$it" "localization_ensemble_it$it"; done
-    for it in $GATED_ITERS; do ensemble "student_gated_it$it" "localization_ensemble_gated_it$it"; done
+    for it in $ITERS; do ensemble "student${TAG}_it$it" "localization_ensemble${TAG}_it$it"; done
+    for it in $GATED_ITERS; do ensemble "student_gated${TAG}_it$it" "localization_ensemble_gated${TAG}_it$it"; done
 fi
 if [ -n "$FINETUNE_STUDIES" ]; then
     N=$FINETUNE_STUDIES
