@@ -26,7 +26,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from pe.io import write_csv_atomic  # noqa: E402
-from pe.localize.evaluate import format_report, localization_table, paired_rows, rows_frame  # noqa: E402
+from pe.localize.evaluate import (  # noqa: E402
+    format_paired,
+    format_report,
+    group_rows,
+    localization_table,
+    paired_rows,
+    rows_frame,
+)
 from pe.localize.teacher_stage import TeacherStageConfig  # noqa: E402
 
 
@@ -45,6 +52,16 @@ def _students(items: list[str] | None) -> dict[str, str] | None:
         if name.startswith("teacher") or name in out:
             raise SystemExit(f"--student name {name!r} is taken (names are unique and do not start with 'teacher')")
         out[name] = folder
+    return out
+
+
+def _groups(items: list[str]) -> dict[str, list[str]]:
+    out = {}
+    for item in items:
+        name, sep, members = item.partition("=")
+        if not sep or not name or not members or name in out:
+            raise SystemExit(f"--group wants a new NAME=ROW,ROW,..., got {item!r}")
+        out[name] = [m for m in members.split(",") if m]
     return out
 
 
@@ -68,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--focus", default=None, metavar="NAME",
                     help="compare the student row NAME with every other student (NAME - other) instead of later "
                          "students with the first, e.g. a seed ensemble against each of its members")
+    ap.add_argument("--group", action="append", default=None, metavar="NAME=ROW,ROW,...",
+                    help="a group of student rows (e.g. one recipe at several seeds; repeatable): each later group is "
+                         "compared with the first, member by member (same size: matched seeds) and by the mean of "
+                         "the members' pooled scores, paired over the studies all scored")
     ap.add_argument("--csv", default=None, help="also write the rows (estimates and interval bounds) here, "
                                                 "and the paired differences to <stem>_paired.csv")
     a = ap.parse_args(argv)
@@ -76,9 +97,12 @@ def main(argv: list[str] | None = None) -> int:
                               teacher_out=a.teacher_out, min_scores=tuple(a.min_score))
     print(f"localisation of {a.exp} on {a.split} (Pu et al. matching, 95 % bootstrap intervals over studies)")
     print(format_report(rows, n_boot=a.n_boot, focus=a.focus))
+    groups = group_rows(rows, _groups(a.group), n_boot=a.n_boot) if a.group else []
+    if groups:
+        print("\n" + format_paired(groups))
     if a.csv:
         write_csv_atomic(rows_frame(rows), a.csv, index=False)
-        pairs = paired_rows(rows, n_boot=a.n_boot, focus=a.focus)
+        pairs = paired_rows(rows, n_boot=a.n_boot, focus=a.focus) + groups
         if pairs:
             out = Path(a.csv)
             write_csv_atomic(rows_frame(pairs), out.with_name(f"{out.stem}_paired.csv"), index=False)

@@ -149,6 +149,32 @@ def test_paired_difference_is_the_difference_of_pooled_scores_over_common_studie
         paired_difference(a, extra)
 
 
+def test_paired_difference_of_groups_is_the_difference_of_mean_pooled_scores():
+    rng = np.random.default_rng(1)
+    studies = [f"s{i}" for i in range(30)]
+    n_true = rng.integers(0, 4, 30)
+
+    def run(fp_hi: int) -> pd.DataFrame:  # a run of a recipe: misses half the emboli, some false positives
+        return _table([(s, int(t // 2), int(rng.integers(0, fp_hi)), int(t - t // 2))
+                       for s, t in zip(studies, n_true, strict=True)])
+
+    weak, strong = [run(6), run(6), run(6)], [run(2), run(2), run(2)]
+    extra = _table([("only_here", 3, 0, 0)])
+    diff = paired_difference(weak, [strong[0], pd.concat([strong[1], extra], ignore_index=True), strong[2]],
+                             n_boot=300)
+    for stat in ("sensitivity", "ppv", "f1"):
+        mean = np.mean([pooled_scores(t, n_boot=10)[stat].estimate for t in strong]) - np.mean(
+            [pooled_scores(t, n_boot=10)[stat].estimate for t in weak])
+        assert diff[stat].estimate == pytest.approx(mean)  # the study only one run scored is left out
+    assert diff["sensitivity"].estimate == pytest.approx(0.0) and diff["ppv"].low > 0
+    # a group of one is the plain paired difference, interval included
+    one = paired_difference([weak[0]], [strong[0]], n_boot=200)["f1"]
+    plain = paired_difference(weak[0], strong[0], n_boot=200)["f1"]
+    assert (one.estimate, one.low, one.high) == (plain.estimate, plain.low, plain.high)
+    with pytest.raises(ValueError, match="at least one"):
+        paired_difference([], strong)
+
+
 def test_cluster_table_boxes_and_scores():
     labels = _vol()
     labels[1:3, 10:14, 20:25] = 1

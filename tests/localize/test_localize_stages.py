@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -311,6 +312,13 @@ def test_student_fine_tunes_from_a_trained_student_on_a_subset(work, load_script
     assert script.main([*args[:-2], "--out", str(fresh), "--lr", "0"]) == 0
     scratch = load_student(fresh / "model.pt")[0]
     assert not all(torch.equal(a, b) for a, b in zip(before.parameters(), scratch.parameters(), strict=True))
+    prior = tmp_path / "prior"  # --prior: a fresh network starts at PE probability 0.01 (lr 0 keeps the start)
+    assert script.main([*args[:-2], "--out", str(prior), "--lr", "0", "--prior", "0.01"]) == 0
+    ckpt = torch.load(prior / "model.pt", weights_only=True)
+    assert ckpt["config"]["student"]["prior"] == 0.01
+    assert torch.allclose(ckpt["model"]["output_block.conv.conv.bias"], torch.tensor([0.0, math.log(0.01 / 0.99)]))
+    with pytest.raises(ValueError, match="no prior when fine-tuning"):
+        script.main([*args, "--prior", "0.01", "--retrain"])
     with pytest.raises(ValueError, match="differs"):
         script.main([*args, "--filters", "4", "8", "8", "--retrain"])
     with pytest.raises(FileNotFoundError, match="no trained student"):
@@ -400,6 +408,18 @@ def _bench_localize_with_two_students(boxes: Path, root: Path, tmp_path: Path, c
     assert "a  -  b" in out and "b  -  a" not in out
     with pytest.raises(ValueError, match="no student row 'c'"):
         bench.main([*args[:-2], "--student", f"a={root}", "--focus", "c"])
+    # --group: matched members (b_i - a_i) and the mean over each group; the same folder everywhere gives 0
+    csv4 = tmp_path / "loc4.csv"
+    students = [x for n in "abcd" for x in ("--student", f"{n}={root}")]
+    assert bench.main([*args[:-1], str(csv4), *students, "--group", "x=a,b", "--group", "y=c,d"]) == 0
+    out = capsys.readouterr().out
+    assert "c  -  a" in out and "d  -  b" in out and "mean of y (2)  -  mean of x (2)" in out
+    grouped = pd.read_csv(tmp_path / "loc4_paired.csv").set_index("method")
+    assert grouped.loc["mean of y (2)  -  mean of x (2)", ["f1", "f1_low", "f1_high"]].tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="no row named e"):
+        bench.main([*args[:-2], *students, "--group", "x=a,e", "--group", "y=c,d"])
+    with pytest.raises(ValueError, match="at least two groups"):
+        bench.main([*args[:-2], *students, "--group", "x=a,b"])
     with pytest.raises(SystemExit, match="NAME=DIR"):
         bench.main([*args, "--student", str(root)])
     with pytest.raises(SystemExit, match="taken"):

@@ -13,6 +13,7 @@ from pe.localize.clusters import ClusterFilter, match_clusters, scores_from_coun
 from pe.localize.student import (
     CropSampler,
     StudentConfig,
+    init_output_prior,
     predict_clusters,
     predict_ensemble,
     predict_volume,
@@ -69,6 +70,26 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(10, 10, 100) == pytest.approx(1.0)
     assert warmup_cosine(55, 10, 100) == pytest.approx(0.5)
     assert warmup_cosine(100, 10, 100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_prior_initialisation_starts_every_seed_at_the_prior():
+    x = torch.rand(2, 1, 16, 32, 32)
+    starts = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = build_seg3d(Seg3DConfig()).eval()
+        with torch.no_grad():
+            before = torch.softmax(model(x), 1)[:, 1].mean().item()
+            init_output_prior(model, 0.01)
+            p = torch.softmax(model(x), 1)[:, 1]
+        starts.append(before)
+        assert abs(p.mean().item() - 0.01) < 0.002 and p.max().item() < 0.02
+    assert max(starts) - min(starts) > 0.05 and min(starts) > 0.1  # MONAI's start depends on the seed, far from 0.01
+    with pytest.raises(ValueError, match="prior must be in"):
+        init_output_prior(model, 1.0)
+    with pytest.raises(ValueError, match="no prior when fine-tuning"):
+        train_student([np.zeros((16, 32, 32), np.float32)], [np.ones((16, 32, 32), bool)],
+                      StudentConfig(crop_zyx=(8, 16, 16), iterations=1, prior=0.01), init=model.state_dict())
 
 
 def test_crop_sampler_is_balanced_and_aligned():

@@ -148,22 +148,35 @@ def pooled_scores(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
     return out
 
 
-def paired_difference(table_a: pd.DataFrame, table_b: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
-                      alpha: float = 0.05) -> dict[str, BootstrapCI]:
+def paired_difference(table_a: pd.DataFrame | Sequence[pd.DataFrame], table_b: pd.DataFrame | Sequence[pd.DataFrame],
+                      n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict[str, BootstrapCI]:
     """Pooled sensitivity / PPV / F1 of ``table_b`` minus ``table_a`` (per-study tables of
     :func:`per_study_table`) over the studies both scored, with a *paired* percentile bootstrap: each
     resample draws studies once and scores both methods on them, so the interval is that of the
-    difference, narrower than two independent intervals suggest when the methods err on the same studies."""
-    a = table_a.set_index("StudyInstanceUID")[["tp", "fp", "fn"]]
-    b = table_b.set_index("StudyInstanceUID")[["tp", "fp", "fn"]]
-    common = a.index.intersection(b.index)
+    difference, narrower than two independent intervals suggest when the methods err on the same studies.
+    Either side may be a list of tables (e.g. one recipe trained at several seeds): its statistic is then
+    the mean over its tables of each one's pooled value (the expected score of one run), over the studies
+    every table scored."""
+    side_a = [table_a] if isinstance(table_a, pd.DataFrame) else list(table_a)
+    side_b = [table_b] if isinstance(table_b, pd.DataFrame) else list(table_b)
+    if not side_a or not side_b:
+        raise ValueError("each side needs at least one per-study table")
+    tables = [t.set_index("StudyInstanceUID")[["tp", "fp", "fn"]] for t in side_a + side_b]
+    common = tables[0].index
+    for t in tables[1:]:
+        common = common.intersection(t.index)
     if common.empty:
-        raise ValueError("the two tables share no study")
-    counts = np.hstack([a.loc[common].to_numpy(float), b.loc[common].to_numpy(float)])
+        raise ValueError("the tables share no study")
+    counts = np.hstack([t.loc[common].to_numpy(float) for t in tables])
+    n_a = len(side_a)
 
     def diff(stat: str):
         pooled = _pooled(stat)
-        return lambda rows: pooled(rows[:, 3:]) - pooled(rows[:, :3])
+
+        def fn(rows: np.ndarray) -> float:
+            values = [pooled(rows[:, 3 * i:3 * i + 3]) for i in range(len(tables))]
+            return float(np.mean(values[n_a:]) - np.mean(values[:n_a]))
+        return fn
 
     return {s: bootstrap_ci(counts, diff(s), n_boot=n_boot, seed=seed, alpha=alpha)
             for s in ("sensitivity", "ppv", "f1")}

@@ -176,6 +176,35 @@ def paired_rows(rows: list[dict], n_boot: int = 1000, seed: int = 0, focus: str 
     return out
 
 
+def group_rows(rows: list[dict], groups: dict[str, list[str]], n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """Each later group of student rows against the first (e.g. one recipe at seeds 0-3 against another at
+    the same seeds): member by member (b_i - a_i, when the groups are the same size: matched seeds) and the
+    mean over each group's pooled scores (the expected score of one run), paired over the studies every
+    member scored (:func:`pe.localize.clusters.paired_difference` of the two lists)."""
+    by = {r["method"]: r for r in rows}
+    if len(groups) < 2:
+        raise ValueError(f"give at least two groups to compare, got {len(groups)}")
+    for name, members in groups.items():
+        if missing := [m for m in members if m not in by]:
+            raise ValueError(f"group {name!r}: no row named {', '.join(missing)} (rows: {', '.join(by)})")
+        if not members:
+            raise ValueError(f"group {name!r} has no rows")
+    (first, ref), *later = groups.items()
+    out = []
+    for name, members in later:
+        if len(members) == len(ref):
+            for b, a in zip(members, ref, strict=True):
+                ci = paired_difference(by[a]["table"], by[b]["table"], n_boot=n_boot, seed=seed)
+                common = len(set(by[a]["table"][STUDY]) & set(by[b]["table"][STUDY]))
+                out.append({"method": f"{b}  -  {a}", "studies": common, **ci})
+        tables_a, tables_b = [by[m]["table"] for m in ref], [by[m]["table"] for m in members]
+        ci = paired_difference(tables_a, tables_b, n_boot=n_boot, seed=seed)
+        common = set.intersection(*(set(t[STUDY]) for t in tables_a + tables_b))
+        out.append({"method": f"mean of {name} ({len(members)})  -  mean of {first} ({len(ref)})",
+                    "studies": len(common), **ci})
+    return out
+
+
 def format_paired(pairs: list[dict]) -> str:
     """The paired differences as a text table; 'excl. 0' marks an F1 interval that excludes 0."""
     head = f"{'difference (b - a, paired over studies)':<72} {'studies':>7}  {'sensitivity':<24} {'PPV':<24} {'F1':<24}"
