@@ -35,6 +35,20 @@ def _none_or_float(text: str) -> float | None:
     return None if text.lower() in ("none", "off") else float(text)
 
 
+DEFAULT = "default"
+
+
+def _resolve_prior(prior: float | str | None, init: str | None) -> float | None:
+    """The stage's prior: StudentConfig's for a fresh network, none when fine-tuning (--init), else as given."""
+    if prior == DEFAULT:
+        return None if init else StudentConfig.prior
+    return prior
+
+
+def _prior(text: str) -> float | str | None:
+    return text if text == DEFAULT else _none_or_float(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--exp", required=True, help="stage-04/11 experiment name")
@@ -53,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loss", choices=["gdl", "gdl_ce"], default="gdl_ce")
     ap.add_argument("--mixup-alpha", type=float, default=0.4, help="Beta(a, a) mixup weight; 0 = off")
     ap.add_argument("--pos-fraction", type=float, default=0.5, help="share of crops centred on a pseudo-mask voxel")
-    ap.add_argument("--prior", type=_none_or_float, default=None,
-                    help="start a fresh network predicting PE with this probability everywhere (output layer's prior "
-                         "initialisation, e.g. 0.01; 'none' = MONAI's seed-dependent start); not with --init")
+    ap.add_argument("--prior", type=_prior, default=DEFAULT,
+                    help=f"start a fresh network predicting PE with this probability everywhere (the output layer's "
+                         f"prior initialisation; default {StudentConfig.prior} since session 26, none with --init; "
+                         f"'none' = MONAI's seed-dependent start)")
     ap.add_argument("--high", type=float, default=0.5, help="hysteresis seed threshold on the PE probability")
     ap.add_argument("--low", type=float, default=0.3)
     ap.add_argument("--min-voxels", type=_none_or_float, default=100.0, help="size filter at 512 px ('none' = off)")
@@ -84,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     student = StudentConfig(crop_zyx=tuple(a.crop), batch_size=a.batch_size, iterations=a.iterations, lr=a.lr,
                             warmup=max(1, a.iterations // 15), loss=a.loss, pos_fraction=a.pos_fraction,
-                            mixup_alpha=a.mixup_alpha, prior=a.prior,
+                            mixup_alpha=a.mixup_alpha, prior=_resolve_prior(a.prior, a.init),
                             high=a.high, low=a.low, seed=a.seed, device=a.device)
     seg = Seg3DConfig(filters=tuple(a.filters))
     cfg = StudentStageConfig(student=student, seg=seg, min_voxels_512=a.min_voxels, max_dist_512=a.max_dist,

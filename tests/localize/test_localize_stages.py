@@ -312,13 +312,23 @@ def test_student_fine_tunes_from_a_trained_student_on_a_subset(work, load_script
     assert script.main([*args[:-2], "--out", str(fresh), "--lr", "0"]) == 0
     scratch = load_student(fresh / "model.pt")[0]
     assert not all(torch.equal(a, b) for a, b in zip(before.parameters(), scratch.parameters(), strict=True))
-    prior = tmp_path / "prior"  # --prior: a fresh network starts at PE probability 0.01 (lr 0 keeps the start)
-    assert script.main([*args[:-2], "--out", str(prior), "--lr", "0", "--prior", "0.01"]) == 0
-    ckpt = torch.load(prior / "model.pt", weights_only=True)
-    assert ckpt["config"]["student"]["prior"] == 0.01
-    assert torch.allclose(ckpt["model"]["output_block.conv.conv.bias"], torch.tensor([0.0, math.log(0.01 / 0.99)]))
+    # the prior: by default a fresh network starts at PE probability 0.01 (lr 0 keeps the start), a fine-tuned one
+    # keeps its weights; --prior none is MONAI's start; an explicit prior with --init is refused
+    bias = "output_block.conv.conv.bias"
+    start = torch.load(fresh / "model.pt", weights_only=True)
+    assert start["config"]["student"]["prior"] == 0.01
+    assert torch.allclose(start["model"][bias], torch.tensor([0.0, math.log(0.01 / 0.99)]))
+    assert ckpt["config"]["student"]["prior"] is None
+    monai = tmp_path / "monai"
+    assert script.main([*args[:-2], "--out", str(monai), "--lr", "0", "--prior", "none"]) == 0
+    start = torch.load(monai / "model.pt", weights_only=True)
+    assert start["config"]["student"]["prior"] is None and not torch.equal(start["model"][bias][1],
+                                                                           torch.tensor(math.log(0.01 / 0.99)))
     with pytest.raises(ValueError, match="no prior when fine-tuning"):
         script.main([*args, "--prior", "0.01", "--retrain"])
+    del start["config"]["student"]["prior"]  # a checkpoint from before the prior was trained without it
+    torch.save(start, tmp_path / "old.pt")
+    assert load_student(tmp_path / "old.pt")[1].prior is None
     with pytest.raises(ValueError, match="differs"):
         script.main([*args, "--filters", "4", "8", "8", "--retrain"])
     with pytest.raises(FileNotFoundError, match="no trained student"):

@@ -101,7 +101,8 @@ def load_student(path: Path, device: str | torch.device = "cpu") -> tuple[torch.
     """(network in eval mode on ``device``, its StudentConfig set to that device, its Seg3DConfig) of a
     stage-12 model.pt (``weights_only`` load)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    scfg = StudentConfig(**{**_tuples(ckpt["config"]["student"]), "device": str(device)})
+    # a checkpoint from before the prior initialisation was trained without it
+    scfg = StudentConfig(**{"prior": None, **_tuples(ckpt["config"]["student"]), "device": str(device)})
     seg = Seg3DConfig(**_tuples(ckpt["config"]["seg"]))
     model = build_seg3d(seg)
     model.load_state_dict(ckpt["model"])
