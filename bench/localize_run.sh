@@ -20,9 +20,12 @@
 #   SEEDS="0 1 2 3" ITERS= GATED_ITERS=1200 ENSEMBLE=1 bash bench/localize_run.sh RUN_FOLDER all all
 # STUDENT_ARGS: extra stage-12 arguments of the ITERS / GATED_ITERS / ORACLE_ITERS students, TAG a name part for them
 #   (student_gated<TAG>_it<N>...).   # session 26:
-# COMPARE=1 (with TAG): per ITERS / GATED_ITERS value, the TAG students against the untagged ones of the same SEEDS
-#   (bench_localize.py --group: seed by seed and by the mean over seeds): localization_compare<TAG>[_gated]_it<N>.csv.
-#   SEEDS="0 1 2 3" ITERS= GATED_ITERS=1200 TAG=_prior01 STUDENT_ARGS="--prior 0.01" COMPARE=1 \
+# COMPARE=1 (with TAG): per ITERS / GATED_ITERS value, the TAG students against those of BASE_TAG (default: the
+#   untagged ones) at the same SEEDS (bench_localize.py --group: seed by seed and by the mean over seeds):
+#   localization_compare<TAG>[_gated]_it<N>.csv. Session 26 compared with students trained before --prior 0.01 became
+#   the default; on a fresh run folder train that baseline first:
+#   SEEDS="0 1 2 3" ITERS= GATED_ITERS=1200 TAG=_none STUDENT_ARGS="--prior none" bash bench/localize_run.sh RUN all all
+#   SEEDS="0 1 2 3" ITERS= GATED_ITERS=1200 TAG=_prior01 STUDENT_ARGS="--prior 0.01" BASE_TAG=_none COMPARE=1 \
 #       bash bench/localize_run.sh RUN all all
 # One table per seed (its first student is the reference of the "later - first" differences), and one for the
 # fine-tuning arms. Outputs go under RUN_FOLDER/work/localize/cnn/; finished studies and trained students are
@@ -42,6 +45,7 @@ FINETUNE_STUDIES=${FINETUNE_STUDIES:-}
 ENSEMBLE=${ENSEMBLE:-}
 TAG=${TAG:-}
 COMPARE=${COMPARE:-}
+BASE_TAG=${BASE_TAG:-}
 read -r -a XARGS <<< "${STUDENT_ARGS:-}"
 if [ ! -d "$RUN/work/models/cnn" ]; then
     echo "$RUN: no stage-04 experiment 'cnn' there; give a finished quality-benchmark run folder" \
@@ -102,7 +106,7 @@ if [ -n "$ENSEMBLE" ]; then
     for it in $ITERS; do ensemble "student${TAG}_it$it" "localization_ensemble${TAG}_it$it"; done
     for it in $GATED_ITERS; do ensemble "student_gated${TAG}_it$it" "localization_ensemble_gated${TAG}_it$it"; done
 fi
-compare() {  # untagged folder stem (e.g. student_gated_it1200), tagged stem, csv stem
+compare() {  # base folder stem (e.g. student_gated_it1200), tagged stem, csv stem
     local rows=() base=() tagged=()
     for seed in $SEEDS; do
         sfx=$([ "$seed" = 0 ] && echo "" || echo "_seed$seed")
@@ -111,13 +115,13 @@ compare() {  # untagged folder stem (e.g. student_gated_it1200), tagged stem, cs
         tagged+=("tag$seed")
     done
     $PY bench/bench_localize.py --exp cnn --split test --boxes "$PE_DATA_DIR/phantom_test_boxes.csv" "${rows[@]}" \
-        --group "base=$(IFS=,; echo "${base[*]}")" --group "tag$TAG=$(IFS=,; echo "${tagged[*]}")" --csv "$LOC/$3.csv"
+        --group "base$BASE_TAG=$(IFS=,; echo "${base[*]}")" --group "tag$TAG=$(IFS=,; echo "${tagged[*]}")" --csv "$LOC/$3.csv"
 }
 if [ -n "$COMPARE" ]; then
     [ -n "$TAG" ] || { echo "COMPARE=1 needs a TAG (the students to compare with the untagged ones)" >&2; exit 2; }
-    for it in $ITERS; do compare "student_it$it" "student${TAG}_it$it" "localization_compare${TAG}_it$it"; done
+    for it in $ITERS; do compare "student${BASE_TAG}_it$it" "student${TAG}_it$it" "localization_compare${TAG}_it$it"; done
     for it in $GATED_ITERS; do
-        compare "student_gated_it$it" "student_gated${TAG}_it$it" "localization_compare${TAG}_gated_it$it"
+        compare "student_gated${BASE_TAG}_it$it" "student_gated${TAG}_it$it" "localization_compare${TAG}_gated_it$it"
     done
 fi
 if [ -n "$FINETUNE_STUDIES" ]; then
