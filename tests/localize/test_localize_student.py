@@ -172,3 +172,26 @@ def test_ensemble_is_the_mean_probability_of_its_members(one_thread):
     np.testing.assert_array_equal(probability_clusters(predict_ensemble([(a, cfg)], vol), cfg), labels)
     with pytest.raises(ValueError, match="at least one"):
         predict_ensemble([], vol)
+
+
+def test_student_start_prints_each_seeds_start_and_a_students_losses(tmp_path, capsys):
+    """bench/student_start.py: a fresh network's starting PE probability per seed (MONAI's and with the
+    prior) and a trained student's losses from its model.pt."""
+    import importlib.util
+
+    from pe import paths
+
+    spec = importlib.util.spec_from_file_location("student_start", paths.REPO_ROOT / "bench" / "student_start.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    folder = tmp_path / "student"
+    folder.mkdir()
+    history = [2.0] + [1.0] * 199 + [0.5] * 200
+    torch.save({"history": history, "config": {"student": {"prior": None}}}, folder / "model.pt")
+    assert script.main(["--seeds", "2", "--crop", "8", "32", "32", "--student", f"s={folder}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    starts = [line.split(":")[1].split("/") for line in lines if line.strip().startswith("seed ")]
+    assert len(starts) == 2
+    for monai, prior in starts:
+        assert 0.1 < float(monai) < 0.9 and abs(float(prior) - 0.01) < 0.002
+    assert lines[-1].split() == ["s", "none", "2.000", "1.005", "0.500"]
