@@ -20,16 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pe.localize.student import StudentConfig, init_output_prior  # noqa: E402
-from pe.models.seg3d import Seg3DConfig, build_seg3d  # noqa: E402
+from pe.localize.student import StudentConfig, fresh_network  # noqa: E402
+from pe.models.seg3d import Seg3DConfig  # noqa: E402
 
 
 def start_probability(seed: int, crop: torch.Tensor, prior: float | None) -> float:
     """Mean PE probability of a fresh network built at ``seed`` (as train_student builds it) on ``crop``."""
-    torch.manual_seed(seed)
-    model = build_seg3d(Seg3DConfig())
-    if prior is not None:
-        init_output_prior(model, prior)
+    model = fresh_network(Seg3DConfig(), seed, prior)
     model.train()  # as in the first training step (instance norm uses the batch's statistics either way)
     with torch.no_grad():
         return float(torch.softmax(model(crop), 1)[:, 1].mean())

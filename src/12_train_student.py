@@ -38,13 +38,6 @@ def _none_or_float(text: str) -> float | None:
 DEFAULT = "default"
 
 
-def _resolve_prior(prior: float | str | None, init: str | None) -> float | None:
-    """The stage's prior: StudentConfig's for a fresh network, none when fine-tuning (--init), else as given."""
-    if prior == DEFAULT:
-        return None if init else StudentConfig.prior
-    return prior
-
-
 def _prior(text: str) -> float | str | None:
     return text if text == DEFAULT else _none_or_float(text)
 
@@ -97,9 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    # the default prior is for a fresh network; a fine-tuned one (--init) starts from its given weights
+    prior = (None if a.init else StudentConfig.prior) if a.prior == DEFAULT else a.prior
     student = StudentConfig(crop_zyx=tuple(a.crop), batch_size=a.batch_size, iterations=a.iterations, lr=a.lr,
                             warmup=max(1, a.iterations // 15), loss=a.loss, pos_fraction=a.pos_fraction,
-                            mixup_alpha=a.mixup_alpha, prior=_resolve_prior(a.prior, a.init),
+                            mixup_alpha=a.mixup_alpha, prior=prior,
                             high=a.high, low=a.low, seed=a.seed, device=a.device)
     seg = Seg3DConfig(filters=tuple(a.filters))
     cfg = StudentStageConfig(student=student, seg=seg, min_voxels_512=a.min_voxels, max_dist_512=a.max_dist,

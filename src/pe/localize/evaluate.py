@@ -168,12 +168,14 @@ def paired_rows(rows: list[dict], n_boot: int = 1000, seed: int = 0, focus: str 
     """Paired differences b - a of sensitivity / PPV / F1 over the studies both rows scored
     (:func:`pe.localize.clusters.paired_difference`), for the pairs of :func:`comparisons`."""
     by = {r["method"]: r for r in rows}
-    out = []
-    for b, a in comparisons(rows, focus):
-        ci = paired_difference(by[a]["table"], by[b]["table"], n_boot=n_boot, seed=seed)
-        common = len(set(by[a]["table"][STUDY]) & set(by[b]["table"][STUDY]))
-        out.append({"method": f"{b}  -  {a}", "studies": common, **ci})
-    return out
+    return [_pair_row(by, b, a, n_boot, seed) for b, a in comparisons(rows, focus)]
+
+
+def _pair_row(by: dict[str, dict], b: str, a: str, n_boot: int, seed: int) -> dict:
+    """Row ``b - a`` of the paired differences (rows looked up by name in ``by``)."""
+    ci = paired_difference(by[a]["table"], by[b]["table"], n_boot=n_boot, seed=seed)
+    common = len(set(by[a]["table"][STUDY]) & set(by[b]["table"][STUDY]))
+    return {"method": f"{b}  -  {a}", "studies": common, **ci}
 
 
 def group_rows(rows: list[dict], groups: dict[str, list[str]], n_boot: int = 1000, seed: int = 0) -> list[dict]:
@@ -193,10 +195,7 @@ def group_rows(rows: list[dict], groups: dict[str, list[str]], n_boot: int = 100
     out = []
     for name, members in later:
         if len(members) == len(ref):
-            for b, a in zip(members, ref, strict=True):
-                ci = paired_difference(by[a]["table"], by[b]["table"], n_boot=n_boot, seed=seed)
-                common = len(set(by[a]["table"][STUDY]) & set(by[b]["table"][STUDY]))
-                out.append({"method": f"{b}  -  {a}", "studies": common, **ci})
+            out += [_pair_row(by, b, a, n_boot, seed) for b, a in zip(members, ref, strict=True)]
         tables_a, tables_b = [by[m]["table"] for m in ref], [by[m]["table"] for m in members]
         ci = paired_difference(tables_a, tables_b, n_boot=n_boot, seed=seed)
         common = set.intersection(*(set(t[STUDY]) for t in tables_a + tables_b))

@@ -78,6 +78,16 @@ def init_output_prior(model: nn.Module, prior: float) -> None:
         out.bias.copy_(torch.tensor([0.0, math.log(prior / (1 - prior))]))
 
 
+def fresh_network(seg_cfg: Seg3DConfig, seed: int, prior: float | None) -> nn.Module:
+    """The untrained student network of ``seed`` (torch's global RNG seeded with it, as the training that
+    follows relies on), its output layer set to ``prior`` when given (:func:`init_output_prior`)."""
+    torch.manual_seed(seed)
+    model = build_seg3d(seg_cfg)
+    if prior is not None:
+        init_output_prior(model, prior)
+    return model
+
+
 class CropSampler:
     """Balanced crops from a list of (volume, mask) pairs; foreground/background voxel indices are
     computed once per volume (MONAI would otherwise rescan the whole volume for every crop)."""
@@ -161,14 +171,11 @@ def train_student(volumes: Sequence[np.ndarray], masks: Sequence[np.ndarray], cf
     div = seg_cfg.min_crop_divisor()
     if any(c % d for c, d in zip(cfg.crop_zyx, div, strict=True)):
         raise ValueError(f"crop {cfg.crop_zyx} must be a multiple of the network's total stride {div} per axis")
-    torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     sampler = CropSampler(volumes, masks, cfg)
-    model = build_seg3d(seg_cfg)
+    model = fresh_network(seg_cfg, cfg.seed, cfg.prior if init is None else None)  # seeds torch's global RNG
     if init is not None:
         model.load_state_dict(init)
-    elif cfg.prior is not None:
-        init_output_prior(model, cfg.prior)
     model = model.to(cfg.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.iterations))
